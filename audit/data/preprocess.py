@@ -1,0 +1,153 @@
+"""Preprocessing for the model: intensity to torchxrayvision's range, resize, and box geometry.
+
+Intensity: torchxrayvision's ``xrv.datasets.normalize(img, maxval)`` computes
+``(img / maxval) * 2048 - 1024``, with ``maxval`` the nominal maximum of the file's bit depth (255
+for its 8-bit PNGs). Decoded images here come in many ranges (8-bit PNG, 16-bit PNG, a DICOM
+window in [0, 1], raw 15-bit values), so the image's own range is used: min-max scale to [0, 1]
+first, i.e. ``maxval = max - min`` after subtracting ``min``. For an 8-bit PNG spanning 0..255 this
+is exactly torchxrayvision's value; in general the darkest pixel maps to -1024 and the brightest to
++1024.
+
+Geometry: the image is resized (never cropped or padded) to ``size x size`` with bilinear
+interpolation and antialiasing (``torch.nn.functional.interpolate``, deterministic on CPU), so a
+non-square source is stretched and boxes scale with ``scale_x = size / W`` and
+``scale_y = size / H`` (docs/interfaces.md: no rounding until drawing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+XRV_MIN = -1024.0
+XRV_MAX = 1024.0
+
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """``tensor``: float32 ``[1, size, size]`` in [-1024, 1024]; scales are new/old."""
+
+    tensor: torch.Tensor
+    scale_x: float
+    scale_y: float
+    original_size: Size
+
+    @property
+    def size(self) -> Size:
+        """(width, height) of ``tensor``."""
+        return int(self.tensor.shape[-1]), int(self.tensor.shape[-2])
+
+    def boxes_to_model(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes from the original frame to the tensor's frame."""
+        return scale_boxes(boxes, self.original_size, self.size)
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes from the tensor's frame back to the original frame."""
+        return unscale_boxes(boxes, self.original_size, self.size)
+
+
+def preprocess_settings(size: int = 224) -> dict[str, object]:
+    """What `preprocess` does, as a dict: part of a cache key for preprocessed tensors."""
+    return {
+        "size": int(size),
+        "intensity": "min-max to [0, 1], then * 2048 - 1024",
+        "resize": "torch bilinear, antialias, align_corners=False, no crop",
+        "version": 1,
+    }
+
+
+def to_xrv_range(pixels: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1], then ``* 2048 - 1024`` (float32). Constant input is an error."""
+    arr = np.asarray(pixels, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D gray image, got shape {arr.shape}")
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError("image is constant or not finite: cannot scale its range")
+    unit = (arr - lo) / (hi - lo)
+    return (unit * (XRV_MAX - XRV_MIN) + XRV_MIN).astype(np.float32)
+
+
+def preprocess(pixels: np.ndarray, size: int = 224) -> PreprocessedImage:
+    """A decoded (H, W) image -> `PreprocessedImage` (``[1, size, size]``, xrv range)."""
+    scaled = to_xrv_range(pixels)
+    h, w = scaled.shape
+    t = torch.from_numpy(scaled)[None, None]
+    if (h, w) != (size, size):
+        t = F.interpolate(
+            t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        # The antialiasing filter's weights are non-negative, but float32 rounding can step a hair
+        # outside the range (e.g. -1024.0002): keep the documented bounds exact.
+        t = t.clamp(XRV_MIN, XRV_MAX)
+    return PreprocessedImage(
+        tensor=t[0].contiguous(),
+        scale_x=size / w,
+        scale_y=size / h,
+        original_size=(int(w), int(h)),
+    )
+
+
+def scale_boxes(boxes: np.ndarray, from_size: Size, to_size: Size) -> np.ndarray:
+    """Boxes ``[N, 4]`` (or one ``[4]``) ``x, y, w, h`` from a ``(W0, H0)`` frame to ``(W1, H1)``.
+
+    ``x' = x * W1 / W0``, ``w' = w * W1 / W0``, same with heights for ``y, h``; float64, no
+    rounding.
+    """
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.shape[-1] != 4:
+        raise ValueError(f"boxes must have 4 columns (x, y, w, h), got shape {b.shape}")
+    sx = to_size[0] / from_size[0]
+    sy = to_size[1] / from_size[1]
+    return b * np.array([sx, sy, sx, sy])
+
+
+def unscale_boxes(boxes: np.ndarray, from_size: Size, to_size: Size) -> np.ndarray:
+    """Inverse of ``scale_boxes(boxes, from_size, to_size)``: ``to_size`` frame -> ``from_size``."""
+    return scale_boxes(boxes, to_size, from_size)
+
+
+def box_pixel_bounds(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Inclusive pixel index range ``(c0, r0, c1, r1)`` of the pixels inside a box.
+
+    A pixel (column c, row r) is inside when its centre ``(c + 0.5, r + 0.5)`` lies in the closed
+    box (docs/interfaces.md). Clipped to an image of ``shape = (H, W)``; ``None`` when no pixel
+    centre is inside.
+    """
+    x, y, w, h = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+    height, width = shape
+    c0 = max(math.ceil(x - 0.5), 0)
+    r0 = max(math.ceil(y - 0.5), 0)
+    c1 = min(math.floor(x + w - 0.5), width - 1)
+    r1 = min(math.floor(y + h - 0.5), height - 1)
+    if c1 < c0 or r1 < r0:
+        return None
+    return c0, r0, c1, r1
+
+
+def draw_box(
+    image: np.ndarray, box: np.ndarray, value: float | Sequence[float], thickness: int = 1
+) -> np.ndarray:
+    """A copy of ``image`` with the outline of ``box`` drawn in ``value``.
+
+    The outline is the border (``thickness`` pixels, inward) of the pixels whose centres lie in
+    the box, i.e. the box rounded to pixel edges. Works for (H, W) and (H, W, C) images.
+    """
+    out = np.array(image, copy=True)
+    bounds = box_pixel_bounds(box, out.shape[:2])
+    if bounds is None:
+        return out
+    c0, r0, c1, r1 = bounds
+    t = max(int(thickness), 1)
+    out[r0 : min(r0 + t, r1 + 1), c0 : c1 + 1] = value
+    out[max(r1 - t + 1, r0) : r1 + 1, c0 : c1 + 1] = value
+    out[r0 : r1 + 1, c0 : min(c0 + t, c1 + 1)] = value
+    out[r0 : r1 + 1, max(c1 - t + 1, c0) : c1 + 1] = value
+    return out

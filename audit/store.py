@@ -1,0 +1,366 @@
+"""Run directories and the run registry.
+
+A run directory is assembled under a temporary name and renamed into place when the run finishes,
+so a directory named after a run id is always complete; every file inside is written atomically
+(temp file, fsync, rename). A finished run directory is never modified.
+
+The registry is a real database (SQLite file by default, any SQLAlchemy URL such as PostgreSQL)
+with one row per run and one row per (run, pathology, method) aggregate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+REGISTRY_ENV = "CXR_AUDIT_REGISTRY"
+DEFAULT_REGISTRY_PATH = Path("runs") / "registry.sqlite"
+RUN_JSON = "run.json"
+FINISHED_MARKER_STATUS = "finished"
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic file writing
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_table(df: pd.DataFrame, path: Path) -> Path:
+    """Write a table as Parquet or CSV (by suffix) atomically."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import io
+
+        buffer = io.BytesIO()
+        df.to_parquet(buffer, index=False)
+        return atomic_write_bytes(path, buffer.getvalue())
+    if path.suffix == ".csv":
+        return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    raise ValueError(f"unsupported table format: {path.suffix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# run directories
+
+
+class RunDirectoryError(RuntimeError):
+    """A run directory is missing, unfinished, or would be modified after it finished."""
+
+
+@dataclass
+class RunDirectory:
+    """A run being written: files go to `staging`, `finish()` renames it to `final`."""
+
+    run_id: str
+    root: Path
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.run_id
+
+    @property
+    def staging(self) -> Path:
+        return self.root / f".{self.run_id}.partial"
+
+    @classmethod
+    def create(cls, root: Path, run_id: str) -> RunDirectory:
+        run = cls(run_id=run_id, root=Path(root))
+        if run.final.exists():
+            raise RunDirectoryError(f"run directory {run.final} already exists; runs are immutable")
+        if run.staging.exists():
+            shutil.rmtree(run.staging)
+        run.staging.mkdir(parents=True)
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_table(self, df: pd.DataFrame, name: str) -> Path:
+        return atomic_write_table(df, self.path(name))
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path(name), obj)
+
+    def finish(self) -> Path:
+        """Fsync the staging folder and rename it into place; the run is final afterwards."""
+        fd = os.open(self.staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.staging, self.final)
+        return self.final
+
+
+def new_run_id(now: datetime | None = None, salt: str = "") -> str:
+    now = now or datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    tail = hashlib.sha256(f"{now.isoformat()}|{salt}|{os.getpid()}".encode()).hexdigest()[:6]
+    return f"run-{stamp}-{tail}"
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """Read `run.json` of a finished run directory."""
+    run_json = Path(run_dir) / RUN_JSON
+    if not run_json.exists():
+        raise RunDirectoryError(f"{run_dir} is not a finished run directory (no {RUN_JSON})")
+    return json.loads(run_json.read_text())
+
+
+def read_table(run_dir: Path, name: str) -> pd.DataFrame | None:
+    """Read a result table of a run (`boxes`, `images`, `curves`, `per_pathology`, ...)."""
+    run_dir = Path(run_dir)
+    for suffix in (".parquet", ".csv"):
+        path = run_dir / f"{name}{suffix}"
+        if path.exists():
+            return pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+_metadata = MetaData()
+
+runs_table = Table(
+    "runs",
+    _metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("status", String(16)),
+    Column("model_name", String(256)),
+    Column("model_fingerprint", String(64)),
+    Column("dataset_name", String(256)),
+    Column("manifest_sha256", String(64)),
+    Column("n_images", Integer),
+    Column("n_boxes", Integer),
+    Column("run_dir", Text),
+    Column("settings_json", Text),
+)
+
+results_table = Table(
+    "pathology_results",
+    _metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("pathology", String(64), primary_key=True),
+    Column("method", String(64), primary_key=True),
+    Column("kind", String(16)),
+    Column("n", Integer),
+    Column("iou_mean", Float),
+    Column("iou_mean_lo", Float),
+    Column("iou_mean_hi", Float),
+    Column("pointing_rate", Float),
+    Column("pointing_lo", Float),
+    Column("pointing_hi", Float),
+    Column("verdict", String(8)),
+)
+
+RESULT_COLUMNS = [c.name for c in results_table.columns if c.name != "run_id"]
+
+
+def registry_url(explicit: str | None = None) -> str:
+    """The registry URL: explicit argument, else $CXR_AUDIT_REGISTRY, else runs/registry.sqlite."""
+    url = explicit or os.environ.get(REGISTRY_ENV)
+    if url:
+        if "://" not in url:  # a plain file path
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{Path(url).resolve()}"
+        return url
+    DEFAULT_REGISTRY_PATH.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_REGISTRY_PATH.resolve()}"
+
+
+class Registry:
+    """The database of finished runs."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = registry_url(url)
+        self.engine: Engine = create_engine(self.url, future=True)
+        _metadata.create_all(self.engine)
+
+    def record_run(self, run_dir: Path) -> str:
+        """Insert (or replace) the rows of one finished run directory."""
+        run = load_run(run_dir)
+        per_pathology = read_table(run_dir, "per_pathology")
+        run_id = run["run_id"]
+        row = {
+            "run_id": run_id,
+            "started_at": _parse_time(run.get("started_at")),
+            "finished_at": _parse_time(run.get("finished_at")),
+            "status": run.get("status", ""),
+            "model_name": run["model"]["name"],
+            "model_fingerprint": run["model"]["fingerprint"],
+            "dataset_name": run["dataset"]["name"],
+            "manifest_sha256": run["dataset"]["manifest_sha256"],
+            "n_images": int(run["dataset"].get("n_images") or 0),
+            "n_boxes": int(run["dataset"].get("n_boxes") or 0),
+            "run_dir": str(Path(run_dir).resolve()),
+            "settings_json": json.dumps(run.get("settings", {}), sort_keys=True, default=str),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(delete(results_table).where(results_table.c.run_id == run_id))
+            conn.execute(delete(runs_table).where(runs_table.c.run_id == run_id))
+            conn.execute(insert(runs_table), [row])
+            if per_pathology is not None and len(per_pathology):
+                rows = []
+                for record in per_pathology.to_dict("records"):
+                    item = {"run_id": run_id}
+                    for name in RESULT_COLUMNS:
+                        item[name] = _clean(record.get(name))
+                    rows.append(item)
+                conn.execute(insert(results_table), rows)
+        return run_id
+
+    def history(self) -> pd.DataFrame:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(runs_table).order_by(runs_table.c.started_at)).mappings()
+            df = pd.DataFrame([dict(r) for r in rows])
+        if df.empty:
+            return pd.DataFrame(columns=[c.name for c in runs_table.columns])
+        return df
+
+    def results(self, run_id: str) -> pd.DataFrame:
+        with self.engine.connect() as conn:
+            query = select(results_table).where(results_table.c.run_id == run_id)
+            df = pd.DataFrame([dict(r) for r in conn.execute(query).mappings()])
+        if df.empty:
+            raise KeyError(f"run {run_id!r} is not in the registry {self.url}")
+        return df
+
+    def previous_run(self, run_id: str) -> str | None:
+        """The latest earlier finished run of the same model fingerprint and manifest."""
+        with self.engine.connect() as conn:
+            this = conn.execute(
+                select(runs_table).where(runs_table.c.run_id == run_id)
+            ).mappings().first()
+            if this is None:
+                return None
+            query = (
+                select(runs_table.c.run_id)
+                .where(runs_table.c.model_fingerprint == this["model_fingerprint"])
+                .where(runs_table.c.manifest_sha256 == this["manifest_sha256"])
+                .where(runs_table.c.run_id != run_id)
+                .where(runs_table.c.started_at <= this["started_at"])
+                .order_by(runs_table.c.started_at.desc())
+            )
+            found = conn.execute(query).first()
+        return found[0] if found else None
+
+    def compare(self, run_a: str, run_b: str) -> pd.DataFrame:
+        return compare_results(self.results(run_a), self.results(run_b))
+
+
+def compare_results(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Per (pathology, method) change from `old` to `new`.
+
+    A regression is a new CI lying entirely below the old mean (for IoU mean or pointing rate),
+    or a verdict that went from PASS to FAIL.
+    """
+    keys = ["pathology", "method"]
+    merged = old.merge(new, on=keys, how="outer", suffixes=("_old", "_new"))
+    out = merged[keys].copy()
+    regressions: list[list[str]] = [[] for _ in range(len(merged))]
+    for metric, lo, hi in (
+        ("iou_mean", "iou_mean_lo", "iou_mean_hi"),
+        ("pointing_rate", "pointing_lo", "pointing_hi"),
+    ):
+        out[f"{metric}_old"] = merged[f"{metric}_old"]
+        out[f"{metric}_new"] = merged[f"{metric}_new"]
+        out[f"{lo}_new"] = merged[f"{lo}_new"]
+        out[f"{hi}_new"] = merged[f"{hi}_new"]
+        out[f"{metric}_delta"] = merged[f"{metric}_new"] - merged[f"{metric}_old"]
+        below = merged[f"{hi}_new"] < merged[f"{metric}_old"]
+        for i, flag in enumerate(below.fillna(False).tolist()):
+            if flag:
+                regressions[i].append(f"{metric} CI below previous mean")
+    out["verdict_old"] = merged["verdict_old"].fillna("")
+    out["verdict_new"] = merged["verdict_new"].fillna("")
+    for i, (v_old, v_new) in enumerate(zip(out["verdict_old"], out["verdict_new"], strict=True)):
+        if v_old == "PASS" and v_new == "FAIL":
+            regressions[i].append("PASS became FAIL")
+    out["regression"] = [bool(r) for r in regressions]
+    out["why"] = ["; ".join(r) for r in regressions]
+    return out.sort_values(keys).reset_index(drop=True)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _clean(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def files_sha256(paths: Iterable[Path]) -> dict[str, str]:
+    return {Path(p).name: sha256_file(Path(p)) for p in paths}
