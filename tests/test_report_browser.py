@@ -1,0 +1,157 @@
+"""Open a rendered report in headless Chromium with the network cut off.
+
+Proves: the page renders, logs no console error (a CSP violation would be one), requests nothing
+but the file itself, and every <img> decodes. Saves screenshots to test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from report_fixtures import build_run_dir
+
+from audit.report import render_report, render_side_by_side
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-sync",
+    "--no-first-run",
+    "--no-pings",
+    "--metrics-recording-only",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,InterestFeedContentSuggestions",
+]
+
+
+def _sync_playwright():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    return sync_playwright
+
+
+def open_offline(browser, html: Path):
+    """A page on ``html`` with every other request aborted and recorded."""
+    url = html.resolve().as_uri()
+    context = browser.new_context(viewport={"width": 1280, "height": 1400},
+                                  java_script_enabled=True, service_workers="block")
+    page = context.new_page()
+    record = {"console": [], "page_errors": [], "requests": [], "blocked": [], "failed": []}
+    page.on("console", lambda m: record["console"].append((m.type, m.text)))
+    page.on("pageerror", lambda e: record["page_errors"].append(str(e)))
+    page.on("request", lambda r: record["requests"].append(r.url))
+    page.on("requestfailed", lambda r: record["failed"].append(r.url))
+
+    def route(r):
+        if r.request.url == url:
+            r.continue_()
+        else:
+            record["blocked"].append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    page.goto(url, wait_until="load")
+    page.wait_for_load_state("networkidle")
+    return context, page, url, record
+
+
+def images_state(page) -> list[dict]:
+    return page.evaluate(
+        "() => Array.from(document.images).map(i => ({src: i.src.slice(0, 30),"
+        " complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("browser")
+    run = build_run_dir(root / "run", n_boxes=40, published=True, seed=7)
+    return render_report(run, root / "out" / "report.html")
+
+
+def test_report_renders_offline_without_errors_or_requests(rendered):
+    sync_playwright = _sync_playwright()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS,
+                                    headless=True)
+        try:
+            context, page, url, rec = open_offline(browser, rendered)
+            assert page.title().startswith("Saliency audit")
+            assert page.locator("#headline-table tr[data-kind='method']").count() == 8 * 3
+            assert page.locator("section.pathology").count() == 8
+            errors = [t for kind, t in rec["console"] if kind in ("error", "warning")]
+            assert errors == [], errors
+            assert rec["page_errors"] == []
+            others = [u for u in rec["requests"] if u != url and not u.startswith("data:")]
+            assert others == [], others
+            assert rec["blocked"] == [] and rec["failed"] == []
+            imgs = images_state(page)
+            assert len(imgs) >= 8 * (7 + 18) + 2  # avg maps + galleries per pathology + curves
+            bad = [i for i in imgs if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
+            assert bad == [], bad[:5]
+            assert page.evaluate("() => document.querySelectorAll('svg.chart').length") >= 16
+            # a print stylesheet exists and applies
+            has_print = page.evaluate(
+                "() => Array.from(document.styleSheets).some(s => Array.from(s.cssRules)"
+                ".some(r => r.media && r.media.mediaText === 'print'))")
+            assert has_print
+            page.screenshot(path=str(ARTIFACTS / "report.png"))
+            page.locator("#pathology-effusion").screenshot(
+                path=str(ARTIFACTS / "report-pathology.png"))
+            page.emulate_media(media="print")
+            assert page.evaluate(
+                "() => getComputedStyle(document.querySelector('nav.toc')).display") == "none"
+            context.close()
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_side_by_side_renders_offline(tmp_path):
+    sync_playwright = _sync_playwright()
+    runs = [build_run_dir(tmp_path / n, n_boxes=18, findings=["Mass", "Effusion"], seed=s,
+                          with_thumbs=False, with_maps=False, with_curves=False)
+            for n, s in (("a", 1), ("b", 2))]
+    out = render_side_by_side(runs, tmp_path / "side.html", labels=["honest", "shortcut"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            context, page, url, rec = open_offline(browser, out)
+            assert [t for k, t in rec["console"] if k in ("error", "warning")] == []
+            assert [u for u in rec["requests"] if u != url and not u.startswith("data:")] == []
+            imgs = images_state(page)
+            assert len(imgs) == 2 * 2 * 7
+            assert all(i["complete"] and i["w"] > 0 for i in imgs)
+            context.close()
+        finally:
+            browser.close()
+
+
+
+def test_print_pdf_uses_the_print_stylesheet(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium)")
+    from audit.report.render import ReportExistsError, print_pdf
+
+    run = build_run_dir(tmp_path / "run", n_boxes=12, findings=["Mass", "Effusion"],
+                        with_curves=False)
+    html = render_report(run, tmp_path / "out" / "report.html")
+    pdf = print_pdf(html)
+    data = pdf.read_bytes()
+    assert pdf == html.with_suffix(".pdf") and data.startswith(b"%PDF")
+    assert len(re.findall(rb"/Type\s*/Page(?!s)", data)) >= 3  # summary, sections, methods...
+    in_run = render_report(run)  # RUN_DIR/report.html
+    print_pdf(in_run)
+    with pytest.raises(ReportExistsError):
+        print_pdf(in_run)  # never overwrite a file in a run directory
