@@ -68,6 +68,8 @@ class AuditSettings:
     shift_px: int = 2
     fidelity_step: float = 0.02
     fidelity_baseline: str = "blur"
+    fidelity_batch_size: int = 26
+    costly_max_pairs: int | None = None  # cap on (image, finding) pairs for the costly metrics
     randomization_blocks: list[str] | None = None
     # output
     out: str = "reports"

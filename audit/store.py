@@ -43,6 +43,11 @@ DEFAULT_REGISTRY_PATH = Path("runs") / "registry.sqlite"
 RUN_JSON = "run.json"
 FINISHED_MARKER_STATUS = "finished"
 
+# The process umask, read once at import: mkstemp creates files 0600, and atomic writes should
+# leave files with the mode a plain open() would give them (0666 minus the umask).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 # ---------------------------------------------------------------------------------------------
 # atomic file writing
@@ -63,6 +68,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -140,6 +146,9 @@ class RunDirectory:
 
     def finish(self) -> Path:
         """Fsync the staging folder and rename it into place; the run is final afterwards."""
+        if self.final.exists():
+            raise RunDirectoryError(
+                f"run directory {self.final} already exists; runs are immutable")
         fd = os.open(self.staging, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -214,6 +223,7 @@ results_table = Table(
 )
 
 RESULT_COLUMNS = [c.name for c in results_table.columns if c.name != "run_id"]
+FLOAT_RESULT_COLUMNS = [c.name for c in results_table.columns if isinstance(c.type, Float)]
 
 
 def registry_url(explicit: str | None = None) -> str:
@@ -283,7 +293,7 @@ class Registry:
             df = pd.DataFrame([dict(r) for r in conn.execute(query).mappings()])
         if df.empty:
             raise KeyError(f"run {run_id!r} is not in the registry {self.url}")
-        return df
+        return _numeric(df)
 
     def previous_run(self, run_id: str) -> str | None:
         """The latest earlier finished run of the same model fingerprint and manifest."""
@@ -304,6 +314,18 @@ class Registry:
             found = conn.execute(query).first()
         return found[0] if found else None
 
+    def latest_run(self, model_fingerprint: str, manifest_sha256: str) -> tuple[str, str] | None:
+        """(run id, run dir) of the newest recorded run of this model on this manifest."""
+        query = (
+            select(runs_table.c.run_id, runs_table.c.run_dir)
+            .where(runs_table.c.model_fingerprint == model_fingerprint)
+            .where(runs_table.c.manifest_sha256 == manifest_sha256)
+            .order_by(runs_table.c.started_at.desc())
+        )
+        with self.engine.connect() as conn:
+            found = conn.execute(query).first()
+        return (found[0], found[1]) if found else None
+
     def compare(self, run_a: str, run_b: str) -> pd.DataFrame:
         return compare_results(self.results(run_a), self.results(run_b))
 
@@ -315,6 +337,7 @@ def compare_results(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     or a verdict that went from PASS to FAIL.
     """
     keys = ["pathology", "method"]
+    old, new = _numeric(old), _numeric(new)
     merged = old.merge(new, on=keys, how="outer", suffixes=("_old", "_new"))
     out = merged[keys].copy()
     regressions: list[list[str]] = [[] for _ in range(len(merged))]
@@ -341,12 +364,26 @@ def compare_results(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(keys).reset_index(drop=True)
 
 
+def _numeric(df: pd.DataFrame) -> pd.DataFrame:
+    """Numeric result columns as numbers: a column that is NULL in every row comes back from
+    the database as `None` objects, which cannot be subtracted or compared."""
+    df = df.copy()
+    for name in FLOAT_RESULT_COLUMNS:
+        if name in df.columns:
+            df[name] = pd.to_numeric(df[name], errors="coerce").astype(float)
+    return df
+
+
 def _parse_time(value: Any) -> datetime | None:
+    """A datetime, converted to UTC when it carries an offset: SQLite stores the wall-clock
+    digits and drops the offset, so mixed offsets would otherwise sort wrongly."""
     if value in (None, ""):
         return None
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
+    if not isinstance(value, datetime):
+        value = datetime.fromisoformat(str(value))
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return value
 
 
 def _clean(value: Any) -> Any:

@@ -1,0 +1,366 @@
+"""The `cxr-audit` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from audit import __version__
+
+app = typer.Typer(
+    name="cxr-audit",
+    help="Saliency audit instrument for chest X-ray classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _quiet_prefect_defaults() -> None:
+    """Zero-setup defaults for Prefect's embedded server on a slow or offline machine."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxr-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Audit where a chest X-ray model looks, against expert boxes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+
+
+@app.command()
+def ingest(
+    images: Annotated[Path, typer.Option(help="Folder of PNG and/or DICOM images (recursive).",
+                                         exists=True, file_okay=False)],
+    bboxes: Annotated[Path | None, typer.Option(
+        help="Box list in NIH BBox_List_2017.csv format; default: the 984 NIH boxes shipped "
+             "with torchxrayvision.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="Label table in NIH Data_Entry_2017.csv format.")] = None,
+    name: Annotated[str, typer.Option(help="Manifest name (file stem).")] = "dataset",
+    out: Annotated[Path, typer.Option(help="Where manifests go.")] = Path("data_manifests"),
+    workers: Annotated[int, typer.Option(help="Decode processes.")] = 2,
+) -> None:
+    """Hash, decode and validate images and boxes into a dataset manifest (+ rejects table)."""
+    from audit.data.manifest import ingest as run_ingest
+
+    result = run_ingest(images, bboxes_csv=bboxes, labels_csv=labels, name=name, out_dir=out,
+                        workers=workers)
+    typer.echo(f"manifest: {result.manifest_csv}")
+    typer.echo(f"rejects:  {result.rejects_csv}")
+    typer.echo(f"sidecar:  {result.json_path}")
+    typer.echo(f"{result.n_images} images, {result.n_boxes} boxes, {result.n_rejects} rejects")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def _split(values: str | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def collect_settings(ctx: click.Context, config: Path | None,
+                     flag_values: dict[str, Any]) -> Any:
+    """Defaults < config file < flags typed on the command line."""
+    from audit.config import build_settings, load_config_file
+
+    file_values = load_config_file(config) if config else {}
+    given = {}
+    for name, value in flag_values.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[name] = value
+    for name in ("methods", "baselines", "metrics"):
+        if name in given:
+            given[name] = _split(given[name])
+    return build_settings(file_values, given)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    images: Annotated[Path | None, typer.Option(help="Image folder (PNG/DICOM).")] = None,
+    bboxes: Annotated[Path | None, typer.Option(help="NIH-format box CSV.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="NIH-format label CSV.")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="An existing manifest CSV.")] = None,
+    dataset_name: Annotated[str | None, typer.Option(help="Name for the ingested dataset.")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="torchxrayvision weight name, e.g. densenet121-res224-nih.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint file.")] = None,
+    random_init: Annotated[bool, typer.Option(help="Random-init model (negative control).")
+                           ] = False,
+    model_seed: Annotated[int, typer.Option(help="Seed of the random-init model.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    methods: Annotated[str, typer.Option(
+        help="Comma list: gradcam,gradcampp,integrated_gradients.")] = "gradcam,gradcampp,"
+                                                                      "integrated_gradients",
+    baselines: Annotated[str, typer.Option(
+        help="Comma list: random,centre_prior,average_box (may be empty).")] =
+        "random,centre_prior,average_box",
+    metrics: Annotated[str, typer.Option(
+        help="Comma list: localization,repeatability,randomization,fidelity.")] =
+        "localization,repeatability,randomization,fidelity",
+    threshold: Annotated[float, typer.Option(help="Binarization fraction of the max.")] = 0.15,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (task).")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Audit at most N images (seeded).")] = None,
+    per_pathology: Annotated[int | None, typer.Option(
+        help="Audit N images per pathology (stratified, seeded).")] = None,
+    costly_per_pathology: Annotated[int, typer.Option(
+        help="Images per pathology for repeatability/randomization/fidelity.")] = 2,
+    seed: Annotated[int, typer.Option(help="Sampling and metric seed.")] = 0,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 50,
+    ig_method: Annotated[str, typer.Option(help="IG quadrature rule.")] = "gausslegendre",
+    ig_baseline: Annotated[str, typer.Option(help="IG baseline: black | blurred | mean.")
+                           ] = "black",
+    out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
+    save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
+    registry: Annotated[str | None, typer.Option(
+        help="Run registry: SQLite path or SQLAlchemy URL (env CXR_AUDIT_REGISTRY).")] = None,
+    runner: Annotated[str, typer.Option(help="default | dask")] = "default",
+    dask_address: Annotated[str | None, typer.Option(help="tcp://scheduler:8786")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML or YAML settings; flags override."
+                                                )] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Audit a model on a dataset end to end: ingest -> explain + score -> report."""
+    flags = {k: v for k, v in ctx.params.items() if k != "config"}
+    for key in ("images", "bboxes", "labels", "manifest", "checkpoint", "out"):
+        if flags.get(key) is not None:
+            flags[key] = str(flags[key])
+    try:
+        settings = collect_settings(ctx, config, flags)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    _quiet_prefect_defaults()
+    from flows.audit import run_with_runner
+
+    result = run_with_runner(settings)
+    typer.echo(f"run directory: {result['run_dir']}")
+    typer.echo(f"report:        {result['report']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# report, history, compare
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.", exists=True,
+                                            file_okay=False)],
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the HTML (default: RUN_DIR/report.html if absent).")] = None,
+    pdf: Annotated[bool, typer.Option(help="Also print the report to PDF with Chromium.")
+                   ] = False,
+) -> None:
+    """Re-render the report of a finished run without recomputing anything."""
+    from audit.report import render_report
+
+    html = render_report(run_dir, out_html=out)
+    typer.echo(f"report: {html}")
+    if pdf:
+        from audit.report.render import print_pdf
+
+        typer.echo(f"pdf:    {print_pdf(html)}")
+
+
+@app.command()
+def history(
+    registry: Annotated[str | None, typer.Option(help="SQLite path or SQLAlchemy URL.")] = None,
+) -> None:
+    """List the runs in the registry."""
+    from audit.store import Registry
+
+    table = Registry(registry).history()
+    if table.empty:
+        typer.echo("no runs recorded")
+        return
+    cols = ["run_id", "started_at", "model_name", "model_fingerprint", "dataset_name",
+            "n_images", "n_boxes", "status"]
+    view = table[cols].copy()
+    view["model_fingerprint"] = view["model_fingerprint"].str[:12]
+    typer.echo(view.to_string(index=False))
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="Older run id.")],
+    run_b: Annotated[str, typer.Argument(help="Newer run id.")],
+    registry: Annotated[str | None, typer.Option(help="SQLite path or SQLAlchemy URL.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+) -> None:
+    """Per-pathology change from RUN_A to RUN_B, with CIs; exit 1 on a regression."""
+    from audit.store import Registry
+
+    try:
+        table = Registry(registry).compare(run_a, run_b)
+    except KeyError as err:
+        typer.echo(f"error: {err.args[0]}", err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        typer.echo(table.to_json(orient="records", indent=2))
+    else:
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if table["regression"].any():
+        typer.echo(f"{int(table['regression'].sum())} regression(s)", err=True)
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * 1'.")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-audit",
+    config: Annotated[Path | None, typer.Option(help="TOML or YAML run settings.")] = None,
+    images: Annotated[Path | None, typer.Option()] = None,
+    bboxes: Annotated[Path | None, typer.Option()] = None,
+    manifest: Annotated[Path | None, typer.Option()] = None,
+    weights: Annotated[str | None, typer.Option()] = None,
+    checkpoint: Annotated[Path | None, typer.Option()] = None,
+    random_init: Annotated[bool, typer.Option()] = False,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    registry: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Serve a scheduled deployment of `audit_run` (one run at a time)."""
+    flags = {k: v for k, v in ctx.params.items() if k not in ("config", "cron", "name")}
+    for key in ("images", "bboxes", "manifest", "checkpoint", "out"):
+        if flags.get(key) is not None:
+            flags[key] = str(flags[key])
+    try:
+        settings = collect_settings(ctx, config, flags)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    _quiet_prefect_defaults()
+    from flows.audit import audit_run
+
+    audit_run.serve(name=name, cron=cron, parameters={"settings": settings.to_dict()},
+                    global_limit=1, description="Scheduled cxr-audit run")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo, calibration and the phantom
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] =
+        Path("reports/demo"),
+    n_images: Annotated[int, typer.Option(help="Phantom test images.")] = 24,
+    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 20261128,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 8,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""
+    _quiet_prefect_defaults()
+    from flows.demo import demo_flow
+
+    result = demo_flow(out=str(out), n_images=n_images, seed=seed, ig_steps=ig_steps,
+                       progress=progress)
+    _print_checks(result["checks"])
+    for kind, run_dir in result["runs"].items():
+        typer.echo(f"{kind:9s} run: {run_dir}")
+    typer.echo(f"report: {result['report']}")
+    if not result["passed"]:
+        typer.echo("the instrument FAILED its calibration", err=True)
+        raise typer.Exit(1)
+
+
+def _print_checks(checks: list[dict[str, Any]]) -> None:
+    for check in checks:
+        mark = "PASS" if check["passed"] else "FAIL"
+        typer.echo(f"[{mark}] {check['model']:8s} {check['check']}: {check['detail']}")
+
+
+@app.command()
+def calibrate(
+    honest: Annotated[Path, typer.Option(help="Run directory of the honest model.")],
+    shortcut: Annotated[Path, typer.Option(help="Run directory of the shortcut model.")],
+    random: Annotated[Path, typer.Option(help="Run directory of the random model.")],
+    out: Annotated[Path | None, typer.Option(help="Write the calibration table (CSV).")] = None,
+) -> None:
+    """Check that the audit separates the reference models; exit 1 when it does not."""
+    from audit.calibration import calibrate as run_calibration
+    from audit.phantom import marker_box
+
+    result = run_calibration({"honest": honest, "shortcut": shortcut, "random": random},
+                             marker_box=marker_box(1024))
+    typer.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _print_checks(result.checks)
+    if out:
+        result.table.to_csv(out, index=False)
+    if not result.passed:
+        typer.echo("the instrument FAILED its calibration", err=True)
+        raise typer.Exit(1)
+
+
+phantom_app = typer.Typer(help="The digital chest phantom and its reference models.",
+                          no_args_is_help=True)
+app.add_typer(phantom_app, name="phantom")
+
+
+@phantom_app.command("generate")
+def phantom_generate(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("phantom"),
+    n_images: Annotated[int, typer.Option(help="Number of images.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same bytes).")] = 0,
+    shortcut: Annotated[bool, typer.Option(help="Marker present exactly when a Mass is.")] = False,
+    n_dicom: Annotated[int, typer.Option(help="How many images also as DICOM.")] = 4,
+) -> None:
+    """Write phantom PNGs, DICOMs and NIH-format box and label CSVs."""
+    from audit.phantom import write_phantom_dataset
+
+    dataset = write_phantom_dataset(out, n_images=n_images, seed=seed, shortcut=shortcut,
+                                    n_dicom=n_dicom)
+    typer.echo(f"images: {dataset.images_dir}")
+    typer.echo(f"boxes:  {dataset.bbox_csv}")
+    typer.echo(f"labels: {dataset.labels_csv}")
+
+
+@phantom_app.command("train")
+def phantom_train(
+    kind: Annotated[str, typer.Option(help="honest | shortcut")],
+    out: Annotated[Path, typer.Option(help="Where to write the fp32 checkpoint.")],
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    minutes: Annotated[float, typer.Option(help="Wall-time budget.")] = 45.0,
+) -> None:
+    """Train a phantom reference model (CPU, seeded, with a progress bar)."""
+    from audit.phantom_train import train
+
+    if kind not in ("honest", "shortcut"):
+        raise typer.BadParameter("kind must be honest or shortcut")
+    result = train(kind, out, seed=seed, minutes=minutes)
+    typer.echo(f"checkpoint: {out}")
+    typer.echo(str(result))
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
+

@@ -1,0 +1,246 @@
+"""Prefect wiring of the audit: `ingest` -> `audit` (batches mapped over a task runner) -> `report`.
+
+Tasks pass small things (paths, keys, dicts of settings); maps and tensors stay in the run's cache
+folder on disk. A batch task's cache key is built from content (image sha256s, boxes, model
+fingerprint, settings, code version), its result (a path) is persisted, and the batch folder
+itself is checked first, so a re-run in a new flow run recomputes only unfinished batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from audit import pipeline
+from audit.config import AuditSettings
+from audit.store import Registry, RunDirectory, new_run_id, sha256_file
+
+CACHE_DIRNAME = ".cache"
+COMPUTE_LOG = "computed.jsonl"
+
+_MODELS: dict[tuple[Any, ...], Any] = {}
+
+
+def _model_for(settings: AuditSettings) -> Any:
+    """One loaded model per process (a Dask worker loads its own copy once)."""
+    from audit.model import load_model
+
+    spec = (settings.weights, settings.checkpoint, settings.random_init, settings.model_seed,
+            settings.device)
+    if spec not in _MODELS:
+        _MODELS[spec] = load_model(
+            weights=settings.weights,
+            checkpoint=Path(settings.checkpoint) if settings.checkpoint else None,
+            random_init=settings.random_init,
+            seed=settings.model_seed,
+            device=settings.device,
+        )
+    return _MODELS[spec]
+
+
+def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry on resource hiccups (I/O, memory, interrupted connections), not on bad data."""
+    try:
+        state.result()
+    except (OSError, MemoryError, TimeoutError, ConnectionError) as err:
+        return not isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError))
+    except Exception:
+        return False
+    return False
+
+
+def _batch_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"cxr-audit-batch-{parameters['key']}"
+
+
+@task(
+    name="audit-batch",
+    cache_key_fn=_batch_cache_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_is_transient,
+    task_run_name="batch-{index}",
+)
+def audit_batch_task(
+    index: int,
+    key: str,
+    image_keys: list[str],
+    manifest_csv: str,
+    images_root: str,
+    settings: dict[str, Any],
+    costly: list[list[str]],
+    cache_dir: str,
+) -> str:
+    """Explain and score one batch; returns the path of its result folder."""
+    out_dir = Path(cache_dir) / "batches" / key
+    if (out_dir / "boxes.parquet").exists():
+        return str(out_dir)
+    from audit.data.manifest import read_manifest
+
+    run_settings = AuditSettings(**settings)
+    manifest = read_manifest(Path(manifest_csv))
+    rows = manifest[manifest["image_key"].isin(image_keys)]
+    model = _model_for(run_settings)
+    started = time.perf_counter()
+    pipeline.audit_batch(model, rows, Path(images_root), run_settings,
+                         [tuple(p) for p in costly], out_dir)
+    with open(Path(cache_dir) / COMPUTE_LOG, "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps({"key": key, "index": index, "pid": os.getpid(),
+                                   "seconds": round(time.perf_counter() - started, 3)}) + "\n")
+    return str(out_dir)
+
+
+@task(name="render-report", cache_policy=NO_CACHE)
+def render_report_task(run_dir: str, previous_run_dir: str | None) -> str:
+    """Render the report of a run (inside its folder); returns the HTML path."""
+    from audit.report import render_report
+
+    previous = Path(previous_run_dir) if previous_run_dir else None
+    return str(render_report(Path(run_dir), previous_run_dir=previous))
+
+
+def _task_runner(settings: AuditSettings) -> Any:
+    if settings.runner != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
+                                          "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="ingest")
+def ingest_flow(images: str, bboxes: str | None, labels: str | None, name: str,
+                out_dir: str = "data_manifests") -> dict[str, Any]:
+    """Scan an image folder, join the box list, hash everything, write a manifest."""
+    from audit.data.manifest import ingest
+
+    logger = get_run_logger()
+    result = ingest(Path(images), bboxes_csv=Path(bboxes) if bboxes else None,
+                    labels_csv=Path(labels) if labels else None, name=name,
+                    out_dir=Path(out_dir))
+    logger.info("ingest %s: %d images, %d boxes, %d rejects", name, result.n_images,
+                result.n_boxes, result.n_rejects)
+    return {"manifest_csv": str(result.manifest_csv), "rejects_csv": str(result.rejects_csv),
+            "json_path": str(result.json_path)}
+
+
+def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDirectory, Path]:
+    """The body of the `audit` flow; also used by `audit_run`."""
+    from audit.data.manifest import read_manifest
+
+    logger = get_run_logger()
+    started_at = datetime.now(timezone.utc)
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    manifest_path = Path(manifest_csv)
+    sidecar = json.loads(manifest_path.with_suffix(".json").read_text())
+    images_root = sidecar["images_dir"]
+    manifest = read_manifest(manifest_path)
+    selection = pipeline.select_images(manifest, settings)
+    model = _model_for(settings)
+    batches = pipeline.plan_batches(selection, settings.batch_size)
+    out_root = Path(settings.out)
+    cache_dir = out_root / CACHE_DIRNAME
+    (cache_dir / "batches").mkdir(parents=True, exist_ok=True)
+    settings_dict = settings.to_dict()
+    timings["plan"] = time.perf_counter() - tick
+    logger.info("auditing %d images in %d batches with model %s (%s)",
+                selection.manifest["image_key"].nunique(), len(batches), model.name,
+                model.fingerprint[:12])
+
+    tick = time.perf_counter()
+    futures = []
+    for index, image_keys in enumerate(batches):
+        rows = selection.manifest[selection.manifest["image_key"].isin(image_keys)]
+        costly = [list(p) for p in selection.costly if p[0] in set(image_keys)]
+        key = pipeline.batch_cache_key(rows, costly, model.fingerprint, settings)
+        futures.append(audit_batch_task.submit(index, key, image_keys, str(manifest_path),
+                                               images_root, settings_dict, costly,
+                                               str(cache_dir)))
+    batch_dirs = []
+    for future in tqdm(futures, desc="explain+score", unit="batch",
+                       disable=not settings.progress):
+        batch_dirs.append(future.result())
+    timings["explain_score"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    run_id = new_run_id(started_at, salt=model.fingerprint)
+    run = RunDirectory.create(out_root, run_id)
+    staging = pipeline.assemble_run(
+        run=run, batch_dirs=[Path(p) for p in batch_dirs], selection=selection,
+        settings=settings, model=model, manifest_csv=manifest_path, manifest_sidecar=sidecar,
+        started_at=started_at, timings=timings, host=socket.gethostname(),
+    )
+    timings["assemble"] = time.perf_counter() - tick
+    return run, staging
+
+
+def report_and_finish(run: RunDirectory, registry: str | None) -> tuple[str, str]:
+    """Render the report into the run, finish (rename) it, record it in the registry."""
+    from audit.report import render_markdown_summary
+    from audit.store import load_run
+
+    logger = get_run_logger()
+    reg = Registry(registry)
+    info = load_run(run.staging)
+    previous = reg.latest_run(info["model"]["fingerprint"], info["dataset"]["manifest_sha256"])
+    previous_dir = Path(previous[1]) if previous and Path(previous[1]).exists() else None
+    render_report_task(str(run.staging), str(previous_dir) if previous_dir else None)
+    summary = render_markdown_summary(run.staging)
+    final = run.finish()
+    reg.record_run(final)
+    create_markdown_artifact(markdown=summary, key="cxr-audit-summary",
+                             description=f"cxr-audit run {run.run_id}")
+    table = reg.results(run.run_id)
+    create_table_artifact(table=json.loads(table.to_json(orient="records")),
+                          key="cxr-audit-per-pathology", description=f"run {run.run_id}")
+    logger.info("run %s finished: %s", run.run_id, final)
+    return str(final), str(final / "report.html")
+
+
+@flow(name="audit")
+def audit_flow(manifest_csv: str, settings: dict[str, Any]) -> str:
+    """Explain and score (batches mapped over the task runner), assemble, report, finish."""
+    run_settings = AuditSettings(**settings).validate()
+    run, _ = audit_flow_body(manifest_csv, run_settings)
+    return report_and_finish(run, run_settings.registry)[0]
+
+
+def audit_run_impl(settings: dict[str, Any]) -> dict[str, str]:
+    run_settings = AuditSettings(**settings).validate()
+    manifest_csv = run_settings.manifest
+    if manifest_csv is None:
+        name = run_settings.dataset_name or Path(run_settings.images).name
+        ingested = ingest_flow(run_settings.images, run_settings.bboxes, run_settings.labels,
+                               name, str(Path(run_settings.out) / "manifests"))
+        manifest_csv = ingested["manifest_csv"]
+    run, _ = audit_flow_body(manifest_csv, run_settings)
+    run_dir, html = report_and_finish(run, run_settings.registry)
+    return {"run_dir": run_dir, "report": html, "manifest": str(manifest_csv),
+            "manifest_sha256": sha256_file(Path(manifest_csv))}
+
+
+@flow(name="audit_run")
+def audit_run(settings: dict[str, Any]) -> dict[str, str]:
+    """Parent flow: ingest (when given images) -> audit -> report."""
+    return audit_run_impl(settings)
+
+
+def run_with_runner(settings: AuditSettings) -> dict[str, str]:
+    """Run `audit_run` with the task runner the settings ask for."""
+    runner = _task_runner(settings)
+    parent = audit_run if runner is None else audit_run.with_options(task_runner=runner)
+    return parent(settings.to_dict())
