@@ -153,9 +153,14 @@ def run(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     _quiet_prefect_defaults()
+    from audit.model import CheckpointError, WeightsUnavailable
     from flows.audit import run_with_runner
 
-    result = run_with_runner(settings)
+    try:
+        result = run_with_runner(settings)
+    except (WeightsUnavailable, CheckpointError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     typer.echo(f"run directory: {result['run_dir']}")
     typer.echo(f"report:        {result['report']}")
 

@@ -21,8 +21,14 @@ BASELINE_METHODS = ("random", "centre_prior", "average_box")
 METRIC_FAMILIES = ("localization", "repeatability", "randomization", "fidelity")
 
 DEFAULT_CRITERIA: list[dict[str, Any]] = [
-    {"pathology": "*", "method": "*", "metric": "pointing_rate", "op": ">=", "value": 0.5,
-     "use": "estimate"},
+    {
+        "pathology": "*",
+        "method": "*",
+        "metric": "pointing_rate",
+        "op": ">=",
+        "value": 0.5,
+        "use": "estimate",
+    },
 ]
 
 
@@ -87,7 +93,9 @@ class AuditSettings:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {list(SALIENCY_METHODS)}")
         unknown = [m for m in self.baselines if m not in BASELINE_METHODS]
         if unknown:
-            raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINE_METHODS)}")
+            raise ConfigError(
+                f"unknown baseline(s) {unknown}; choose from {list(BASELINE_METHODS)}"
+            )
         unknown = [m for m in self.metrics if m not in METRIC_FAMILIES]
         if unknown:
             raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(METRIC_FAMILIES)}")
@@ -97,7 +105,9 @@ class AuditSettings:
             raise ConfigError("threshold must lie in (0, 1)")
         models = sum([bool(self.weights), bool(self.checkpoint), bool(self.random_init)])
         if models != 1:
-            raise ConfigError("give exactly one of --weights NAME, --checkpoint PATH, --random-init")
+            raise ConfigError(
+                "give exactly one of --weights NAME, --checkpoint PATH, --random-init"
+            )
         if self.manifest is None and self.images is None:
             raise ConfigError("give the data: --images DIR (with --bboxes CSV) or --manifest CSV")
         if self.runner not in ("default", "dask"):
@@ -109,13 +119,24 @@ class AuditSettings:
 
     def compute_key(self) -> dict[str, Any]:
         """The settings that change computed numbers (used in cache keys)."""
-        skip = {"out", "registry", "runner", "dask_address", "dask_workers", "progress",
-                "acceptance", "limit", "per_pathology", "dataset_name", "device"}
+        skip = {
+            "out",
+            "registry",
+            "runner",
+            "dask_address",
+            "dask_workers",
+            "progress",
+            "acceptance",
+            "limit",
+            "per_pathology",
+            "dataset_name",
+            "device",
+        }
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML (`.toml`) or YAML (`.yaml`/`.yml`) settings file; a `[audit]` table is optional."""
+    """Read a TOML or YAML (`.yaml`/`.yml`) settings file; an `[audit]` table is optional."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -136,7 +157,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_settings(file_values: dict[str, Any], flag_values: dict[str, Any]) -> AuditSettings:
-    """Settings = defaults, overridden by the file, overridden by flags given on the command line."""
+    """Settings = defaults, overridden by the file, overridden by flags typed by the user."""
     names = {f.name for f in dataclasses.fields(AuditSettings)}
     merged: dict[str, Any] = {}
     for source in (file_values, flag_values):

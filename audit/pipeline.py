@@ -665,6 +665,10 @@ def assemble_run(
         "sampled": selection.record,
         "versions": _package_versions(),
         "device": str(model.device),
+        "cuda": {"device_name": torch.cuda.get_device_name(model.device),
+                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                 "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+        if model.device.type == "cuda" else None,
         "git_commit": _git_commit(),
         "host": host,
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from audit.config import AuditSettings
+from audit.metrics.randomization import DENSENET_CASCADE_SHORT
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
 
 DEMO_IMAGES = 24
@@ -60,8 +61,9 @@ def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int 
     registry = registry or str(out_dir / "registry.sqlite")
     base = AuditSettings(
         manifest=ingested["manifest_csv"], random_init=True, out=str(out_dir / "runs"),
-        ig_steps=ig_steps, costly_per_pathology=1, save_maps=True, registry=registry,
-        batch_size=8, progress=progress,
+        ig_steps=ig_steps, costly_per_pathology=1, costly_max_pairs=2, save_maps=True,
+        randomization_blocks=list(DENSENET_CASCADE_SHORT), fidelity_step=0.1,
+        registry=registry, batch_size=8, progress=progress,
         acceptance=[{"pathology": "*", "method": "*", "metric": "pointing_rate", "op": ">=",
                      "value": 0.5, "use": "estimate"}],
     )
@@ -79,6 +81,7 @@ def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int 
                                calibration=result.checks_table(),
                                labels=list(runs.keys()))
     result.table.to_csv(out_dir / "calibration.csv", index=False)
+    (out_dir / "runs.txt").write_text("".join(f"{k}\t{v}\n" for k, v in runs.items()))
     result.checks_table().to_csv(out_dir / "calibration_checks.csv", index=False)
     logger.info("calibration %s", "PASSED" if result.passed else "FAILED")
     return {"report": str(html), "runs": {k: str(v) for k, v in runs.items()},

@@ -74,3 +74,23 @@ def test_run_with_the_shipped_config_parses(tmp_path: Path) -> None:
     settings = build_settings(load_config_file(path), {})
     assert settings.weights == "densenet121-res224-nih"
     assert settings.acceptance[0]["metric"] == "pointing_rate"
+
+
+def test_run_reports_unavailable_weights_as_one_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.audit
+    from audit.model import WeightsUnavailable
+
+    cache = tmp_path / "models_data" / "nih.pt"
+
+    def offline(settings: AuditSettings) -> dict:
+        raise WeightsUnavailable("densenet121-res224-nih", cache, "https://example.invalid/w")
+
+    monkeypatch.setattr(flows.audit, "run_with_runner", offline)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("")
+    result = runner.invoke(app, ["run", "--manifest", str(manifest), "--weights",
+                                 "densenet121-res224-nih"])
+    assert result.exit_code == 2
+    assert str(cache) in result.output and "--checkpoint" in result.output
+    assert "Traceback" not in result.output
