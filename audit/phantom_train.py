@@ -454,8 +454,8 @@ class FeatureCache:
 
 
 def _render_chunk(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    seed, lo, hi, shortcut = args
-    b = phantom_batch(seed, range(lo, hi), shortcut=shortcut)
+    seed, lo, hi, shortcut, config = args
+    b = phantom_batch(seed, range(lo, hi), shortcut=shortcut, **config)
     imgs = ((b.x[:, 0] + 1024.0) / 2048.0 * 255.0).round().to(torch.uint8).numpy()
     return imgs, b.labels.numpy(), b.masks.numpy()
 
@@ -468,9 +468,11 @@ def build_feature_cache(
     path: str | Path | None = None,
     progress: bool = True,
     workers: int = 2,
+    **config,
 ) -> FeatureCache:
     """Render ``n`` training phantoms of set ``seed`` (in ``workers`` processes; every image is a
-    pure function of its index) and keep their front-end features."""
+    pure function of its index) and keep their front-end features. ``config``: extra
+    :class:`PhantomConfig` fields (e.g. ``marker_probability``)."""
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -480,7 +482,7 @@ def build_feature_cache(
         if d["z"].shape[0] >= n:
             return FeatureCache(d["z"][:n], d["labels"][:n], d["masks"][:n])
     net = build_frontend(make_net(seed)).eval()
-    jobs = [(seed, lo, min(lo + chunk, n), shortcut) for lo in range(0, n, chunk)]
+    jobs = [(seed, lo, min(lo + chunk, n), shortcut, config) for lo in range(0, n, chunk)]
     zs, ys, ms = [], [], []
 
     def consume(chunks):
@@ -1066,6 +1068,13 @@ RECIPES: dict[str, dict] = {
         "stages": [
             {"max_steps": 3259, "evidence_weight": 0.5, "location_weight": 0.0, "threads": 2},
             {"max_steps": 1534, "evidence_weight": 0.5, "location_weight": 1.0, "threads": 1},
+            {
+                "max_steps": 493,
+                "evidence_weight": 0.5,
+                "location_weight": 1.0,
+                "threads": 2,
+                "marker_images": 3000,
+            },
         ],
     },
     "shortcut": {
@@ -1087,7 +1096,9 @@ def train(
 ) -> dict:
     """Build reference model ``kind`` ("honest" | "shortcut") by the shipped recipe.
 
-    Renders the training phantoms (set ``seed``), caches their front-end features in
+    Renders the training phantoms (set ``seed``; a stage may add ``marker_images``: the first
+    phantoms again with the laterality marker, independent of the findings, so the model learns
+    to ignore it), caches their front-end features in
     ``work_dir`` (default: next to ``out_path``), runs the recipe's stages (each stage starts from
     the previous one's weights) and writes the float32 state dict to ``out_path`` plus
     ``out_path.json`` (the record: steps, minutes, settings and loss curve per stage).
@@ -1101,7 +1112,7 @@ def train(
     out_path = Path(out_path)
     work = Path(work_dir) if work_dir else out_path.parent
     work.mkdir(parents=True, exist_ok=True)
-    cache = build_feature_cache(
+    base = build_feature_cache(
         seed,
         recipe["train_images"],
         shortcut=kind == "shortcut",
@@ -1110,6 +1121,22 @@ def train(
     )
     init, stages = None, []
     for k, st in enumerate(recipe["stages"]):
+        cache = base
+        n_marked = st.get("marker_images", 0)
+        if n_marked:  # the first n_marked training phantoms again, now with the marker
+            marked = build_feature_cache(
+                seed,
+                n_marked,
+                shortcut=kind == "shortcut",
+                path=work / f"phantom_features_{kind}_{seed}_marker.pt",
+                progress=progress,
+                marker_probability=1.0,
+            )
+            cache = FeatureCache(
+                torch.cat([base.z, marked.z]),
+                torch.cat([base.labels, marked.labels]),
+                torch.cat([base.masks, marked.masks]),
+            )
         stage_out = work / f"{out_path.stem}.stage{k + 1}.pt"
         rec = train_head(
             kind,
@@ -1124,6 +1151,7 @@ def train(
             init_from=init,
             progress=progress,
         )
+        rec["settings"]["marker_images"] = n_marked
         stages.append(rec)
         init = stage_out
     torch.save(torch.load(init, map_location="cpu", weights_only=True), out_path)

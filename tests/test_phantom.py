@@ -286,6 +286,9 @@ def test_manifest_records_the_targets_reached():
         assert honest["auroc"][f] >= 0.95, f
     for f in ("Mass", "Effusion", "Pneumothorax"):
         assert honest["pointing"]["cam"][f] >= 0.8, f
+    demo = manifest["models"]["honest"]["heldout"]["marker_with_visible_mass_set"]
+    assert demo["auroc"]["Mass"] >= 0.95  # the honest model ignores the marker
+    assert demo["pointing"]["gradcam_norm5"]["Mass"] >= 0.8
     shortcut = manifest["models"]["shortcut"]["heldout"]["shortcut_set"]
     assert shortcut["auroc"]["Mass"] >= 0.95
     assert shortcut["marker"]["cam"]["max_cell_on_marker"] > 0.5
