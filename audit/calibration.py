@@ -26,6 +26,7 @@ CHECK_METHOD = "gradcam"
 AUROC_HIGH = 0.9
 RANDOMIZATION_DROP = 0.5  # final |Spearman| of the fully randomized cascade must fall below
 MARKER_FRACTION = 0.5
+RANDOM_POINTING_FAIL = 0.5  # the demo's acceptance criterion: pointing rate >= 0.5
 
 
 @dataclass
@@ -218,15 +219,27 @@ def calibrate(
             f"{hits}/{total} {SHORTCUT_FINDING} maxima on the marker (CI {lo:.2f}–{hi:.2f})",
         )
 
-    per_random = read_table(runs["random"], "per_pathology")
-    random_rows = per_random[
-        (per_random["kind"] == "method") & per_random["pathology"].isin(POSITION_VARYING)
-    ]
+    # Judged on the pooled position-varying findings per method: with a handful of boxes per
+    # finding, one row of a random model passes a 0.5 pointing criterion by chance too often.
+    random_methods = sorted(
+        m
+        for m in boxes["random"]["method"].unique()
+        if m not in ("random", "centre_prior", "average_box")
+    )
+    failed = []
+    for method in random_methods:
+        pooled = _pooled(boxes["random"], method, POSITION_VARYING, seed)
+        failed.append(bool(pooled) and pooled["pointing_rate"] < RANDOM_POINTING_FAIL)
+    details = ", ".join(
+        f"{m} {_pooled(boxes['random'], m, POSITION_VARYING, seed).get('pointing_rate', np.nan):.2f}"
+        for m in random_methods
+    )
     check(
         "random",
-        "localization FAIL on every position-varying finding",
-        len(random_rows) > 0 and bool((random_rows["verdict"] == "FAIL").all()),
-        f"{int((random_rows['verdict'] == 'FAIL').sum())}/{len(random_rows)} rows FAIL",
+        f"pointing rate FAIL (< {RANDOM_POINTING_FAIL}) for every method, pooled over "
+        f"{', '.join(POSITION_VARYING)}",
+        bool(failed) and all(failed),
+        details,
     )
     return result
 

@@ -274,9 +274,9 @@ def serve(
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] =
         Path("reports/demo"),
-    n_images: Annotated[int, typer.Option(help="Phantom test images.")] = 24,
+    n_images: Annotated[int, typer.Option(help="Phantom test images per set.")] = 20,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 20261128,
-    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 8,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 6,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""

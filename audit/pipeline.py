@@ -138,7 +138,7 @@ def load_batch_images(
     rows: pd.DataFrame, images_root: Path, size: int
 ) -> tuple[list[LoadedImage], list[dict[str, str]]]:
     """Decode and preprocess each image of a batch; decode failures become rejects rows."""
-    from audit.data.preprocess import preprocess
+    from audit.data.preprocess import nominal_range, preprocess
     from audit.data.readers import RejectedInput, read_image
 
     loaded: list[LoadedImage] = []
@@ -156,7 +156,8 @@ def load_batch_images(
             rejects.append({"path": str(rel), "image_key": str(key), "finding": "",
                             "reason": "file named in the manifest is missing on disk"})
             continue
-        pre = preprocess(decoded.pixels, size=size)
+        pre = preprocess(decoded.pixels, size=size,
+                         value_range=nominal_range(decoded.pixels, decoded.meta))
         loaded.append(
             LoadedImage(
                 key=str(key),

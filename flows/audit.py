@@ -117,8 +117,12 @@ def render_report_task(run_dir: str, previous_run_dir: str | None) -> str:
 
 
 def _task_runner(settings: AuditSettings) -> Any:
+    """One batch at a time in this process (torch already uses every core for one batch;
+    concurrent batches only oversubscribe the CPU or the GPU), or a Dask cluster."""
     if settings.runner != "dask":
-        return None
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
     if settings.dask_address:
@@ -247,6 +251,4 @@ def audit_run(settings: dict[str, Any]) -> dict[str, str]:
 
 def run_with_runner(settings: AuditSettings) -> dict[str, str]:
     """Run `audit_run` with the task runner the settings ask for."""
-    runner = _task_runner(settings)
-    parent = audit_run if runner is None else audit_run.with_options(task_runner=runner)
-    return parent(settings.to_dict())
+    return audit_run.with_options(task_runner=_task_runner(settings))(settings.to_dict())

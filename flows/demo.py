@@ -8,22 +8,27 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from audit.config import AuditSettings
 from audit.metrics.randomization import DENSENET_CASCADE_SHORT
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
 
-DEMO_IMAGES = 24
+DEMO_IMAGES = 20
 DEMO_SEED = 20261128
 
 
-def demo_dataset(out: Path, n_images: int, seed: int) -> Any:
-    """Phantom test set: a laterality marker present exactly when a Mass is (masses visible)."""
-    from audit.phantom import PhantomConfig, write_phantom_dataset
+def demo_datasets(out: Path, n_images: int, seed: int) -> dict[str, Any]:
+    """Two phantom test sets: the standard one (honest and random models) and the shortcut one
+    (a laterality marker present exactly when a faint Mass is), where the shortcut model is
+    right for the wrong reason."""
+    from audit.phantom import write_phantom_dataset
 
-    base = PhantomConfig()
-    config = replace(base, shortcut=True, faint_mass_amplitude=base.mass_amplitude)
-    return write_phantom_dataset(out, n_images=n_images, seed=seed, config=config, shortcut=True)
+    return {
+        "standard": write_phantom_dataset(out / "standard", n_images=n_images, seed=seed),
+        "shortcut": write_phantom_dataset(out / "shortcut", n_images=n_images, seed=seed + 1,
+                                          shortcut=True),
+    }
 
 
 def reference_models() -> dict[str, dict[str, Any]]:
@@ -39,7 +44,7 @@ def reference_models() -> dict[str, dict[str, Any]]:
     return models
 
 
-@flow(name="demo")
+@flow(name="demo", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int = DEMO_SEED,
               ig_steps: int = 8, registry: str | None = None,
               progress: bool = True) -> dict[str, Any]:
@@ -52,17 +57,20 @@ def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int 
     out_dir = Path(out)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    dataset = demo_dataset(out_dir / "phantom", n_images, seed)
+    datasets = demo_datasets(out_dir / "phantom", n_images, seed)
     timings["phantom"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    ingested = ingest_flow(str(dataset.images_dir.parent), str(dataset.bbox_csv),
-                           str(dataset.labels_csv), "phantom_demo", str(out_dir / "manifests"))
+    manifests = {
+        name: ingest_flow(str(ds.root), str(ds.bbox_csv), str(ds.labels_csv),
+                          f"phantom_{name}", str(out_dir / "manifests"))["manifest_csv"]
+        for name, ds in datasets.items()
+    }
     timings["ingest"] = time.perf_counter() - tick
     registry = registry or str(out_dir / "registry.sqlite")
     base = AuditSettings(
-        manifest=ingested["manifest_csv"], random_init=True, out=str(out_dir / "runs"),
-        ig_steps=ig_steps, costly_per_pathology=1, costly_max_pairs=2, save_maps=True,
-        randomization_blocks=list(DENSENET_CASCADE_SHORT), fidelity_step=0.1,
+        manifest=manifests["standard"], random_init=True, out=str(out_dir / "runs"),
+        ig_steps=ig_steps, costly_per_pathology=1, costly_max_pairs=1, save_maps=True,
+        randomization_blocks=list(DENSENET_CASCADE_SHORT), fidelity_step=0.125,
         registry=registry, batch_size=8, progress=progress,
         acceptance=[{"pathology": "*", "method": "*", "metric": "pointing_rate", "op": ">=",
                      "value": 0.5, "use": "estimate"}],
@@ -70,8 +78,9 @@ def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int 
     runs: dict[str, Path] = {}
     for kind, model in reference_models().items():
         tick = time.perf_counter()
-        settings = replace(base, random_init=False, **model).validate()
-        run, _ = audit_flow_body(ingested["manifest_csv"], settings)
+        manifest = manifests["shortcut" if kind == "shortcut" else "standard"]
+        settings = replace(base, **{"random_init": False, "manifest": manifest, **model})
+        run, _ = audit_flow_body(manifest, settings.validate())
         run_dir, _ = report_and_finish(run, registry)
         runs[kind] = Path(run_dir)
         timings[f"audit {kind}"] = time.perf_counter() - tick

@@ -136,3 +136,23 @@ def test_preprocess_settings_name_the_size():
 
     assert preprocess_settings(224)["size"] == 224
     assert preprocess_settings(224) != preprocess_settings(512)
+
+
+def test_nominal_range_follows_torchxrayvision_normalize_for_8_bit_png() -> None:
+    """An 8-bit image maps by 255 (xrv.datasets.normalize(img, 255)), not by its own min-max:
+    an image whose brightest pixel is 200 keeps 200 -> 200/255*2048-1024."""
+    import torchxrayvision as xrv
+
+    from audit.data.preprocess import nominal_range, preprocess
+
+    pixels = np.full((8, 8), 50.0, dtype=np.float32)
+    pixels[2:4, 2:4] = 200.0
+    meta = {"source_format": "png", "bits_stored": 8}
+    assert nominal_range(pixels, meta) == (0.0, 255.0)
+    out = preprocess(pixels, size=8, value_range=nominal_range(pixels, meta)).tensor[0].numpy()
+    np.testing.assert_allclose(out, xrv.datasets.normalize(pixels, 255), rtol=0, atol=1e-3)
+    windowed = {"source_format": "dicom", "voi": "window center=1 width=2", "bits_stored": 12}
+    assert nominal_range(pixels / 255.0, windowed) == (0.0, 1.0)
+    assert nominal_range(pixels * 100.0, meta) is None  # outside the nominal range: min-max
+    sixteen = {"source_format": "png", "bits_stored": 16}
+    assert nominal_range(pixels * 100.0, sixteen) == (0.0, 65535.0)

@@ -57,27 +57,53 @@ def preprocess_settings(size: int = 224) -> dict[str, object]:
     """What `preprocess` does, as a dict: part of a cache key for preprocessed tensors."""
     return {
         "size": int(size),
-        "intensity": "min-max to [0, 1], then * 2048 - 1024",
+        "intensity": "nominal range (PNG/DICOM bit depth, or the VOI window's output) to [0, 1], "
+        "min-max when unknown; then * 2048 - 1024",
         "resize": "torch bilinear, antialias, align_corners=False, no crop",
-        "version": 1,
+        "version": 2,
     }
 
 
-def to_xrv_range(pixels: np.ndarray) -> np.ndarray:
-    """Min-max scale to [0, 1], then ``* 2048 - 1024`` (float32). Constant input is an error."""
+def nominal_range(pixels: np.ndarray, meta: dict) -> tuple[float, float] | None:
+    """The range a decoded image's values are defined on, as torchxrayvision assumes it
+    (``xrv.datasets.normalize(img, maxval)``): a VOI window's output range for windowed DICOM,
+    else ``[0, 2**bits - 1]`` of the stored bit depth (8-bit PNG: 255). ``None`` when unknown or
+    when the values fall outside it (e.g. a rescaled DICOM without a window): min-max then."""
+    voi = str(meta.get("voi", "none"))
+    if meta.get("source_format") == "dicom" and voi != "none":
+        lo, hi = 0.0, 1.0
+    else:
+        bits = int(meta.get("bits_stored") or 8)
+        lo, hi = 0.0, float(2 ** max(bits, 8) - 1)
+    arr = np.asarray(pixels)
+    if float(arr.min()) < lo or float(arr.max()) > hi:
+        return None
+    return lo, hi
+
+
+def to_xrv_range(pixels: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale to [0, 1] by ``value_range`` (min-max when ``None``), then ``* 2048 - 1024``
+    (float32). A constant input without a range is an error."""
     arr = np.asarray(pixels, dtype=np.float64)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {arr.shape}")
-    lo, hi = float(arr.min()), float(arr.max())
+    if value_range is None:
+        lo, hi = float(arr.min()), float(arr.max())
+    else:
+        lo, hi = float(value_range[0]), float(value_range[1])
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         raise ValueError("image is constant or not finite: cannot scale its range")
-    unit = (arr - lo) / (hi - lo)
+    unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     return (unit * (XRV_MAX - XRV_MIN) + XRV_MIN).astype(np.float32)
 
 
-def preprocess(pixels: np.ndarray, size: int = 224) -> PreprocessedImage:
-    """A decoded (H, W) image -> `PreprocessedImage` (``[1, size, size]``, xrv range)."""
-    scaled = to_xrv_range(pixels)
+def preprocess(pixels: np.ndarray, size: int = 224,
+               value_range: tuple[float, float] | None = None) -> PreprocessedImage:
+    """A decoded (H, W) image -> `PreprocessedImage` (``[1, size, size]``, xrv range).
+
+    ``value_range``: the nominal range of ``pixels`` (see `nominal_range`); min-max if ``None``.
+    """
+    scaled = to_xrv_range(pixels, value_range)
     h, w = scaled.shape
     t = torch.from_numpy(scaled)[None, None]
     if (h, w) != (size, size):
