@@ -97,6 +97,19 @@ def collect_settings(ctx: click.Context, config: Path | None,
     return build_settings(file_values, given)
 
 
+def settings_from_command_line(ctx: click.Context, config: Path | None,
+                               exclude: tuple[str, ...]) -> Any:
+    """The run settings of a command (paths as strings), with Prefect's zero-setup defaults."""
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()
+             if k not in exclude}
+    try:
+        settings = collect_settings(ctx, config, flags)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    _quiet_prefect_defaults()
+    return settings
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -144,15 +157,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Audit a model on a dataset end to end: ingest -> explain + score -> report."""
-    flags = {k: v for k, v in ctx.params.items() if k != "config"}
-    for key in ("images", "bboxes", "labels", "manifest", "checkpoint", "out"):
-        if flags.get(key) is not None:
-            flags[key] = str(flags[key])
-    try:
-        settings = collect_settings(ctx, config, flags)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
-    _quiet_prefect_defaults()
+    settings = settings_from_command_line(ctx, config, exclude=("config",))
     from audit.model import CheckpointError, WeightsUnavailable
     from flows.audit import run_with_runner
 
@@ -251,15 +256,7 @@ def serve(
     registry: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Serve a scheduled deployment of `audit_run` (one run at a time)."""
-    flags = {k: v for k, v in ctx.params.items() if k not in ("config", "cron", "name")}
-    for key in ("images", "bboxes", "manifest", "checkpoint", "out"):
-        if flags.get(key) is not None:
-            flags[key] = str(flags[key])
-    try:
-        settings = collect_settings(ctx, config, flags)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
-    _quiet_prefect_defaults()
+    settings = settings_from_command_line(ctx, config, exclude=("config", "cron", "name"))
     from flows.audit import audit_run
 
     audit_run.serve(name=name, cron=cron, parameters={"settings": settings.to_dict()},
