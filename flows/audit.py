@@ -8,6 +8,7 @@ itself is checked first, so a re-run in a new flow run recomputes only unfinishe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -65,8 +66,15 @@ def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _batch_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    return f"cxr-audit-batch-{parameters['key']}"
+def _batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Prefect's cache entry for a batch is valid only while its result folder exists: the key
+    holds the folder's resolved path, and no key is given when the folder is gone (deleted
+    output, another --out), so the task runs instead of returning a stale path."""
+    out_dir = Path(parameters["cache_dir"]).resolve() / "batches" / parameters["key"]
+    if not (out_dir / "boxes.parquet").exists():
+        return None
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:16]
+    return f"cxr-audit-batch-{parameters['key']}-{digest}"
 
 
 @task(

@@ -94,3 +94,20 @@ def test_run_reports_unavailable_weights_as_one_clear_error(
     assert result.exit_code == 2
     assert str(cache) in result.output and "--checkpoint" in result.output
     assert "Traceback" not in result.output
+
+
+def test_batch_cache_key_exists_only_while_the_batch_folder_does(tmp_path: Path) -> None:
+    """A deleted output folder or another --out must not reuse Prefect's cached batch path."""
+    from flows.audit import _batch_cache_key
+
+    params = {"key": "abc", "cache_dir": str(tmp_path / "out" / ".cache")}
+    assert _batch_cache_key(None, params) is None
+    folder = tmp_path / "out" / ".cache" / "batches" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "boxes.parquet").write_bytes(b"x")
+    key = _batch_cache_key(None, params)
+    assert key is not None and key.startswith("cxr-audit-batch-abc-")
+    other = {"key": "abc", "cache_dir": str(tmp_path / "elsewhere" / ".cache")}
+    assert _batch_cache_key(None, other) is None
+    (folder / "boxes.parquet").unlink()
+    assert _batch_cache_key(None, params) is None
