@@ -1,18 +1,29 @@
-"""Shared pytest fixtures: where the real data lives, and a skip when it is absent."""
+"""Shared pytest fixtures: where the real data lives, the thread counts numerical tests run
+under, and one closing line per group of skipped tests."""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.external import STRICT_ENV, missing, strict
+from tests.prefect_server import PrefectServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+#: Intra-op thread counts every numerical comparison runs under: a reduction whose result
+#: depends on how work is split across threads shows up here, not on a user's machine.
+THREAD_COUNTS = (1, 2)
+
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (run beside ../shared)")
+        missing("shared-data", f"real data not available: {path} is absent (run beside ../shared)")
     return path
 
 
@@ -32,3 +43,71 @@ def nih_unboxed_dir() -> Path:
 def dicom_dir() -> Path:
     """../shared/data/dicom (5 real chest DICOMs)."""
     return _require(SHARED_DATA / "dicom")
+
+
+@pytest.fixture(scope="module", params=THREAD_COUNTS, ids=lambda n: f"threads{n}")
+def torch_threads(request: pytest.FixtureRequest):
+    """Run the module's tests once per intra-op thread count (use with
+    ``pytestmark = pytest.mark.usefixtures("torch_threads")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real Prefect API server for the test session (tests/prefect_server.py): every
+    `cxr-audit` subprocess of the tests talks to it instead of starting its own embedded server.
+
+    The enqueue delay of a deployment concurrency limit is 1 s (default 30 s) and the scheduler
+    loops every 5 s (default 60 s), so tests see limits and schedules act quickly.
+    """
+    server = PrefectServer(
+        tmp_path_factory.mktemp("prefect_server"),
+        server_env={
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        },
+    )
+    with server:
+        yield server
+
+
+#: The longest modules, started first so that the two xdist workers finish together.
+LONGEST_FIRST = ("tests/test_demo.py", "tests/test_flows.py", "tests/test_schedule.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest modules first (xdist's loadscope hands out modules in this order)."""
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each module is kept
+
+
+_GROUP = re.compile(r"^\[([\w-]+)\] ")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One closing line per group of skipped tests (group, count, one reason)."""
+    reports = terminalreporter.stats.get("skipped", [])
+    groups: Counter[str] = Counter()
+    reasons: dict[str, str] = {}
+    for report in reports:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        match = _GROUP.match(reason)
+        group = match.group(1) if match else reason
+        groups[group] += 1
+        reasons.setdefault(group, reason[match.end():] if match else "")
+    if not groups:
+        return
+    terminalreporter.section("skipped groups")
+    for group, count in sorted(groups.items()):
+        detail = f": {reasons[group]}" if reasons[group] else ""
+        terminalreporter.write_line(f"SKIPPED GROUP {group} ({count} tests){detail}")
+    if not strict():
+        terminalreporter.write_line(f"(set {STRICT_ENV}=1 to make these failures, as CI does)")

@@ -6,7 +6,6 @@ calibration is then re-judged with the honest run swapped for the random one, wh
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: CI runs it, `-m "not slow"` skips it
+
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def demo_out(tmp_path_factory: pytest.TempPathFactory, prefect_server
+             ) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ)
-    env.update({"PREFECT_HOME": str(out / "prefect_home"),
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"})
-    env.pop("PREFECT_API_URL", None)
+    env = prefect_server.client_env(home=out / "prefect_home")  # the session's Prefect server
     proc = subprocess.run([sys.executable, "-m", "audit.cli", "demo", "--out", str(out / "demo"),
                            "--no-progress"], env=env, capture_output=True, text=True,
                           timeout=1800)

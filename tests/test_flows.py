@@ -1,8 +1,8 @@
 """End-to-end tests of `cxr-audit run` (Prefect flows, run directory, resume, Dask, PHI).
 
 Each test runs the real command in a subprocess on a small slice of ../shared/data/nih_bbox_dev
-with a random-init model. Prefect runs on its embedded server with a PREFECT_HOME private to the
-test session, so its database and persisted results can be searched too.
+with a random-init model. Prefect runs on the session's real server (conftest.py `prefect_server`)
+whose PREFECT_HOME holds its database and the persisted results, so they can be searched too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import pytest
 
 from tests.hostile import SENTINEL_BYTES, write_phi_dicom
 
+pytestmark = pytest.mark.slow  # end to end: CI runs it, `-m "not slow"` skips it
+
 SLICE_FINDINGS = ("Cardiomegaly", "Effusion", "Mass", "Pneumothorax")
 BOX_COLUMNS_DOC = [
     "run_id", "image_key", "sha256", "finding", "model_finding", "box_index", "box_x", "box_y",
@@ -40,19 +42,10 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("prefect_home")
-    env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "DO_NOT_TRACK": "1",
-        "OMP_NUM_THREADS": "1",
-    })
-    env.pop("PREFECT_API_URL", None)
-    return env
+def prefect_env(prefect_server) -> dict[str, str]:
+    """Subprocess environment: the session's Prefect server (its PREFECT_HOME, which holds its
+    database, is the one the PHI test searches), one intra-op thread."""
+    return prefect_server.client_env(PREFECT_LOGGING_LEVEL="INFO", OMP_NUM_THREADS="1")
 
 
 def build_slice(nih_dev_dir: Path, root: Path, per_finding: int = 1) -> tuple[Path, Path]:

@@ -17,6 +17,7 @@ from pg import PostgresUnavailable, start_postgres
 from typer.testing import CliRunner
 
 from audit.store import Registry, compare_results
+from tests.external import missing
 
 FP_A = "a" * 64  # model fingerprint of the audited model
 FP_OTHER = "b" * 64  # another model
@@ -116,7 +117,7 @@ def pg_server():
     try:
         server = start_postgres()
     except PostgresUnavailable as err:
-        pytest.skip(f"PostgreSQL registry tests skipped: throwaway server could not start: {err}")
+        missing("postgresql", f"the throwaway PostgreSQL server could not start: {err}")
     yield server
     server.stop()
 

@@ -13,6 +13,7 @@ import pytest
 from report_fixtures import build_run_dir
 
 from audit.report import render_report, render_side_by_side
+from tests.external import missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -32,13 +33,18 @@ LAUNCH_ARGS = [
 
 
 def _sync_playwright():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium)")
+    _require_chromium()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+        missing("chromium", "the playwright package is not installed (pip install playwright)")
     return sync_playwright
+
+
+def _require_chromium() -> None:
+    if not CHROMIUM.exists():
+        missing("chromium", f"{CHROMIUM} is absent: install Debian's chromium "
+                            "(apt-get install chromium)")
 
 
 def open_offline(browser, html: Path):
@@ -140,8 +146,7 @@ def test_side_by_side_renders_offline(tmp_path):
 
 
 def test_print_pdf_uses_the_print_stylesheet(tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium)")
+    _require_chromium()
     from audit.report.render import ReportExistsError, print_pdf
 
     run = build_run_dir(tmp_path / "run", n_boxes=12, findings=["Mass", "Effusion"],

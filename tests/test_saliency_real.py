@@ -15,13 +15,7 @@ from audit.saliency import BASELINE_NAMES, METHOD_NAMES, explain_all, get_method
 IMAGES = ("00013118_008.png", "00014716_007.png")  # Atelectasis boxes in the development half
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads run 5-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_threads")  # every test under 1 and 2 threads
 
 
 def _load(path) -> torch.Tensor:
@@ -92,4 +86,9 @@ def test_the_same_map_whatever_the_batch_it_was_explained_in(model, batch):
     both = explain_all(model, x, targets, ["gradcam", "gradcampp"])
     alone = explain_all(model, x[1:], targets[1:], ["gradcam", "gradcampp"])
     for name in both:
-        assert torch.allclose(both[name].maps[1], alone[name].maps[0], rtol=1e-5, atol=1e-6)
+        # Relative to the map's maximum (9.6 for Grad-CAM, ~160 for Grad-CAM++ here): a batch of
+        # 2 and a batch of 1 may take other convolution kernels, whose summation order differs
+        # by float32 rounding (measured 2.4e-7 of the maximum). Still caught: a map taken from
+        # the other image or target (O(1)), batch statistics leaking into eval mode (> 1e-2).
+        a, b = both[name].maps[1], alone[name].maps[0]
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name

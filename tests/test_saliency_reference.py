@@ -1,10 +1,24 @@
 """Our Grad-CAM, Grad-CAM++ and IG against the reference implementations (pytorch-grad-cam,
 MONAI, Captum) on the same random-init DenseNet-121, inputs and targets.
 
-Normalization for the CAM comparisons: per-map min-max to [0, 1] (what pytorch-grad-cam returns;
-MONAI's maps are compared after the same min-max). Upsampling: ours is torch bilinear with
-align_corners=False, pytorch-grad-cam uses cv2.resize (INTER_LINEAR, half-pixel centres) and
-MONAI F.interpolate(align_corners=False); tolerance 1e-5 max abs difference.
+Every test runs under 1 and 2 intra-op threads (``torch_threads``).
+
+Tolerances, and what each still catches:
+- CAM maps (``TOL_CAM`` = 1e-5 of the map's range): both sides min-max normalize, so the bound is
+  relative to the map's maximum. The maps are a sum of 1024 channel products in float32
+  (rounding ~1e-7 relative per term, accumulated to ~1e-6 at worst); upsampling differs only in
+  summation order (ours torch bilinear, align_corners=False; pytorch-grad-cam cv2.resize
+  INTER_LINEAR; MONAI F.interpolate). It still catches a wrong weighting (mean vs sum of the
+  gradients changes nothing after min-max, but GAP weights vs Grad-CAM++'s alpha weights differ
+  by 1e-2..1e-1), a missing ReLU (negative half of the map) or the wrong layer (> 1e-2).
+- IG (``TOL_IG_REL`` = 1e-6 of the reference map's maximum): the comparison runs in float64
+  (model and inputs). In float32 the random-init network at inputs of +-1024 amplifies a
+  rounding difference of the path points (1e-7 relative) to ~5e-3 of the map (measured: Captum
+  against itself with 1e-4 of input noise), so two correct implementations that build the path
+  points in another order disagree by up to 1.3e-2; in float64 the same amplification of 1e-16
+  stays below 1e-10. The remaining error is the float32 cast of our maps (6e-8 relative). It
+  still catches a wrong node (left vs middle: ~1e-2), a wrong end weight (trapezoid ends not
+  halved: > 1e-3), a dropped (x - x') factor, or another baseline.
 """
 
 from __future__ import annotations
@@ -20,17 +34,9 @@ from audit.saliency.integrated_gradients import make_baseline
 
 xrv = pytest.importorskip("torchxrayvision")
 TOL_CAM = 1e-5
-TOL_IG_REL = 1e-4
+TOL_IG_REL = 1e-6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads run 5-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def _calibrated(model):
@@ -195,6 +201,14 @@ def test_explain_all_runs_one_forward_for_gradcam_and_gradcampp(model, xs):
         h.remove()
 
 
+@pytest.fixture(scope="module")
+def model64(model):
+    """The same calibrated network in float64 (the reference comparison's precision)."""
+    m = model.copy()
+    m.net.double()
+    return m
+
+
 @pytest.mark.parametrize("method,baseline", [
     ("gausslegendre", "black"),
     ("riemann_trapezoid", "blurred"),
@@ -202,25 +216,59 @@ def test_explain_all_runs_one_forward_for_gradcam_and_gradcampp(model, xs):
     ("riemann_middle", "zeros"),
     ("riemann_right", "black"),
 ])
-def test_integrated_gradients_equal_captum(model, method, baseline):
+def test_integrated_gradients_equal_captum_in_float64(model64, method, baseline):
     from captum.attr import IntegratedGradients
 
     g = torch.Generator().manual_seed(2)
-    x = torch.rand((2, 1, 64, 64), generator=g) * 2048 - 1024
+    x = (torch.rand((2, 1, 32, 32), generator=g) * 2048 - 1024).double()
     steps = 6
     ours = get_method("integrated_gradients", steps=steps, method=method, baseline=baseline,
-                      blur_sigma=3.0, internal_batch_size=5).explain(model, x, TARGETS)
+                      blur_sigma=3.0, internal_batch_size=5).explain(model64, x, TARGETS)
     base = make_baseline(x, baseline, 3.0)
-    ig = IntegratedGradients(model.logits)
+    ig = IntegratedGradients(model64.logits)
     for k in range(TARGETS.shape[1]):
         attr, delta = ig.attribute(x, baselines=base, target=TARGETS[:, k], n_steps=steps,
                                    method=method, return_convergence_delta=True)
         ref = attr.sum(dim=1)
-        rel = (ours.maps[:, k] - ref).abs().max().item() / ref.abs().max().item()
+        rel = (ours.maps[:, k].double() - ref).abs().max().item() / ref.abs().max().item()
         assert rel <= TOL_IG_REL, (k, rel)
-        gap = ours.extras["completeness_gap"][:, k]
-        assert torch.allclose(gap, delta.abs().float(), rtol=1e-3,
-                              atol=1e-4 * ours.extras["delta_f"][:, k].abs().max().item())
+        # the gap is |sum - delta_f|: its error is that of the float32 cast of both terms
+        gap = ours.extras["completeness_gap"][:, k].double()
+        scale = ours.extras["delta_f"][:, k].double().abs().max().item()
+        assert torch.allclose(gap, delta.abs(), rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_integrated_gradients_in_float32_build_the_same_path_points_as_captum(model):
+    """In float32 compare what float32 rounding touches, the path points themselves: the
+    network's input at every step must be Captum's to within the rounding of x' + a (x - x')
+    (a few ulp of 1024, ~5e-4). A wrong node (left vs middle) moves them by |x - x'| / 2n."""
+    from captum.attr import IntegratedGradients
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((1, 1, 64, 64), generator=g) * 2048 - 1024
+    seen: dict[str, list[torch.Tensor]] = {"ours": [], "captum": []}
+
+    def recorder(key):
+        def hook(_module, args):
+            seen[key].append(args[0].detach().clone())
+        return hook
+
+    for key in seen:
+        handle = model.net.features.conv0.register_forward_pre_hook(recorder(key))
+        try:
+            if key == "ours":
+                get_method("integrated_gradients", steps=6, method="riemann_left",
+                           baseline="mean", internal_batch_size=6).explain(model, x, TARGETS[:1])
+            else:
+                IntegratedGradients(model.logits).attribute(
+                    x, baselines=make_baseline(x, "mean"), target=TARGETS[:1, 0], n_steps=6,
+                    method="riemann_left", internal_batch_size=6)
+        finally:
+            handle.remove()
+    ours = torch.cat(seen["ours"])[:6]
+    theirs = torch.cat(seen["captum"])[:6]
+    assert ours.shape == theirs.shape == (6, 1, 64, 64)
+    assert (ours - theirs).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * 1024
 
 
 def test_gradcampp_epsilon_shapes_the_map_at_norm5_and_eps_zero_stays_finite(model, xs):
