@@ -199,7 +199,7 @@ def history(
     registry: Annotated[str | None, typer.Option(help="SQLite path or SQLAlchemy URL.")] = None,
 ) -> None:
     """List the runs in the registry."""
-    from audit.store import Registry
+    from audit.store.registry import Registry
 
     table = Registry(registry).history()
     if table.empty:
@@ -220,7 +220,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
     """Per-pathology change from RUN_A to RUN_B, with CIs; exit 1 on a regression."""
-    from audit.store import Registry
+    from audit.store.registry import Registry
 
     try:
         table = Registry(registry).compare(run_a, run_b)

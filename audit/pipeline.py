@@ -24,7 +24,7 @@ from PIL import Image
 
 from audit import __version__
 from audit.config import AuditSettings
-from audit.store import atomic_write_bytes, atomic_write_json, atomic_write_table
+from audit.store.files import atomic_write_bytes, atomic_write_json, atomic_write_table
 
 log = logging.getLogger("cxr_audit")
 
@@ -551,7 +551,7 @@ def assemble_run(
         evaluate_criteria,
         paired_difference,
     )
-    from audit.store import sha256_file
+    from audit.store.files import sha256_file
 
     boxes = _concat(batch_dirs, "boxes")
     images = _concat(batch_dirs, "images")

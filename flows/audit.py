@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from audit import pipeline
 from audit.config import AuditSettings
-from audit.store import Registry, RunDirectory, new_run_id, sha256_file
+from audit.store.files import sha256_file
+from audit.store.registry import Registry
+from audit.store.rundir import RunDirectory, new_run_id
 
 CACHE_DIRNAME = ".cache"
 COMPUTE_LOG = "computed.jsonl"
@@ -209,11 +211,11 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
 def report_and_finish(run: RunDirectory, registry: str | None) -> tuple[str, str]:
     """Render the report into the run, finish (rename) it, record it in the registry."""
     from audit.report import render_markdown_summary
-    from audit.store import load_run
+    from audit.store.rundir import read_run_json
 
     logger = get_run_logger()
     reg = Registry(registry)
-    info = load_run(run.staging)
+    info = read_run_json(run.staging)
     previous = reg.latest_run(info["model"]["fingerprint"], info["dataset"]["manifest_sha256"])
     previous_dir = Path(previous[1]) if previous and Path(previous[1]).exists() else None
     render_report_task(str(run.staging), str(previous_dir) if previous_dir else None)

@@ -2,7 +2,7 @@
 
 Everything is random but seeded, so tests of the report (and of anything else that reads a run
 directory) do not depend on the rest of the pipeline. The numbers are made up; the shapes, column
-names, file names and key formats are the contract that `audit/store.py` writes:
+names, file names and key formats are the contract that `audit/store/rundir.py` defines:
 
     run.json, boxes.parquet + boxes.csv, images.parquet, curves.parquet,
     per_pathology.csv + per_pathology.json, paired.csv, rejects.csv,
@@ -294,7 +294,7 @@ def build_run_dir(
             row["threshold"] = 0.15
             rows.append(row)
     boxes = pd.DataFrame(rows)
-    # as audit/store.py: the pathology (model finding name) and the best-matching box per
+    # as the run writer (audit/run/): the pathology (model finding name) and the best box per
     # (image, finding, method); aggregates use the best-matching rows only
     boxes["pathology"] = boxes["model_finding"]
     order = boxes.sort_values("iou", ascending=False, kind="mergesort")
