@@ -349,8 +349,7 @@ def ingest(
     rejects_bytes = _csv_bytes(REJECT_COLUMNS, rejects)
 
     manifest_csv = out / f"{name}.csv"
-    rejects_csv = out / f"{name}.rejects.csv"
-    json_path = out / f"{name}.json"
+    rejects_csv, json_path = rejects_path(manifest_csv), sidecar_path(manifest_csv)
     atomic_write_bytes(manifest_csv, manifest_bytes)
     atomic_write_bytes(rejects_csv, rejects_bytes)
 
@@ -443,6 +442,21 @@ def _manifest_row(
 # --------------------------------------------------------------------------------------------
 # Reading back
 # --------------------------------------------------------------------------------------------
+def rejects_path(manifest_csv: str | os.PathLike[str]) -> Path:
+    """``NAME.rejects.csv`` beside ``NAME.csv``."""
+    return Path(str(manifest_csv).removesuffix(".csv") + ".rejects.csv")
+
+
+def sidecar_path(manifest_csv: str | os.PathLike[str]) -> Path:
+    """``NAME.json`` beside ``NAME.csv``."""
+    return Path(manifest_csv).with_suffix(".json")
+
+
+def read_sidecar(manifest_csv: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest's JSON sidecar (images folder, every file's sha256, counts)."""
+    return json.loads(sidecar_path(manifest_csv).read_text())
+
+
 def read_manifest(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
     """Load a manifest CSV with proper dtypes.
 
