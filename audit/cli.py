@@ -104,8 +104,9 @@ def settings_from_command_line(ctx: click.Context, config: Path | None,
              if k not in exclude}
     try:
         settings = collect_settings(ctx, config, flags)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    except ValueError as err:  # ConfigError: one line, exit 2, before any work starts
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     _quiet_prefect_defaults()
     return settings
 
@@ -189,7 +190,7 @@ def report(
     html = render_report(run_dir, out_html=out)
     typer.echo(f"report: {html}")
     if pdf:
-        from audit.report.render import print_pdf
+        from audit.report import print_pdf
 
         typer.echo(f"pdf:    {print_pdf(html)}")
 
@@ -305,8 +306,8 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(help="Write the calibration table (CSV).")] = None,
 ) -> None:
     """Check that the audit separates the reference models; exit 1 when it does not."""
-    from audit.calibration import calibrate as run_calibration
-    from audit.phantom import marker_box
+    from audit.phantom.calibration import calibrate as run_calibration
+    from audit.phantom.generate import marker_box
 
     result = run_calibration({"honest": honest, "shortcut": shortcut, "random": random},
                              marker_box=marker_box(1024))
@@ -333,7 +334,7 @@ def phantom_generate(
     n_dicom: Annotated[int, typer.Option(help="How many images also as DICOM.")] = 4,
 ) -> None:
     """Write phantom PNGs, DICOMs and NIH-format box and label CSVs."""
-    from audit.phantom import write_phantom_dataset
+    from audit.phantom.dataset import write_phantom_dataset
 
     dataset = write_phantom_dataset(out, n_images=n_images, seed=seed, shortcut=shortcut,
                                     n_dicom=n_dicom)
@@ -350,7 +351,7 @@ def phantom_train(
     minutes: Annotated[float, typer.Option(help="Wall-time budget.")] = 45.0,
 ) -> None:
     """Train a phantom reference model (CPU, seeded, with a progress bar)."""
-    from audit.phantom_train import train
+    from audit.phantom.training import train
 
     if kind not in ("honest", "shortcut"):
         raise typer.BadParameter("kind must be honest or shortcut")

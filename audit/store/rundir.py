@@ -71,7 +71,7 @@ BATCH_FILES: dict[str, str] = {
 
 #: Box geometry columns in the image's original frame (x, y, w, h).
 BOX_GEOMETRY = ["box_x", "box_y", "box_w", "box_h"]
-HIT_COLUMNS = [f"{kind}_hit_{t}" for kind in ("iou", "iobb") for t in HIT_THRESHOLDS]
+HIT_COLUMNS = [f"{kind}_hit_{t:g}" for kind in ("iou", "iobb") for t in HIT_THRESHOLDS]
 
 #: Columns of ``boxes`` (one row per expert box and method).
 BOX_COLUMNS = [
@@ -221,6 +221,48 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         return {}
     with np.load(path, allow_pickle=False) as npz:
         return {k: np.asarray(npz[k]) for k in npz.files}
+
+
+def thumbnail_path(thumbs_dir: Path | None, image_key: str) -> Path | None:
+    """The thumbnail of ``image_key`` under ``thumbs_dir`` (never a path outside it)."""
+    if thumbs_dir is None or not thumbs_dir.is_dir():
+        return None
+    p = thumbs_dir / thumbnail_name(image_key)
+    return p if p.is_file() and p.resolve().parent == thumbs_dir.resolve() else None
+
+
+class SavedMaps:
+    """Lazy access to a run's ``maps/<method>.npz`` arrays (keys: `saved_map_key`)."""
+
+    def __init__(self, maps_dir: Path | None):
+        self.maps_dir = maps_dir
+        self._open: dict[str, object] = {}
+
+    def available(self, method: str) -> bool:
+        return self.maps_dir is not None and (self.maps_dir / f"{method}.npz").is_file()
+
+    def get(self, method: str, image_key: str, findings: list[str]) -> np.ndarray | None:
+        if not self.available(method):
+            return None
+        if method not in self._open:
+            try:
+                self._open[method] = np.load(self.maps_dir / f"{method}.npz", allow_pickle=False)
+            except (OSError, ValueError):
+                self._open[method] = None
+        npz = self._open[method]
+        if npz is None:
+            return None
+        for f in findings:
+            k = saved_map_key(image_key, f)
+            if k in npz.files:
+                return np.asarray(npz[k], dtype=np.float32)
+        return None
+
+    def close(self) -> None:
+        for npz in self._open.values():
+            if npz is not None:
+                npz.close()
+        self._open.clear()
 
 
 @dataclass
