@@ -12,10 +12,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from audit.config import AuditSettings
 from audit.metrics.randomization import DENSENET_CASCADE_SHORT
+from audit.phantom import DEMO_IG_STEPS, DEMO_IMAGES, DEMO_SEED
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
-
-DEMO_IMAGES = 20
-DEMO_SEED = 20261128
 
 
 def demo_datasets(out: Path, n_images: int, seed: int) -> dict[str, Any]:
@@ -46,7 +44,7 @@ def reference_models() -> dict[str, dict[str, Any]]:
 
 @flow(name="demo", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int = DEMO_SEED,
-              ig_steps: int = 8, registry: str | None = None,
+              ig_steps: int = DEMO_IG_STEPS, registry: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Phantom -> ingest -> audit honest/shortcut/random -> reports -> calibration."""
     from audit.phantom.calibration import calibrate

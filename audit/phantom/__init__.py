@@ -16,5 +16,10 @@
   :mod:`audit.phantom.evaluation` (held-out metrics, ``ship_weights``).
 
 Nothing is re-exported here: import from the module, so that generating phantoms never imports
-torch.
+torch. The demo's defaults live here (the CLI and the demo flow both read them).
 """
+
+#: `cxr-audit demo`: phantom test images per set, the phantom seed, IG steps.
+DEMO_IMAGES = 20
+DEMO_SEED = 20261128
+DEMO_IG_STEPS = 6
