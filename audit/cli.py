@@ -11,6 +11,9 @@ import click
 import typer
 
 from audit import __version__
+from audit.config import AuditSettings
+from audit.phantom import DEMO_IG_STEPS, DEMO_IMAGES, DEMO_SEED
+from audit.protocol import BASELINE_NAMES, METHOD_NAMES, METRIC_FAMILIES
 
 app = typer.Typer(
     name="cxr-audit",
@@ -104,8 +107,9 @@ def settings_from_command_line(ctx: click.Context, config: Path | None,
              if k not in exclude}
     try:
         settings = collect_settings(ctx, config, flags)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    except ValueError as err:  # ConfigError: one line, exit 2, before any work starts
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     _quiet_prefect_defaults()
     return settings
 
@@ -123,29 +127,32 @@ def run(
     checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint file.")] = None,
     random_init: Annotated[bool, typer.Option(help="Random-init model (negative control).")
                            ] = False,
-    model_seed: Annotated[int, typer.Option(help="Seed of the random-init model.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    methods: Annotated[str, typer.Option(
-        help="Comma list: gradcam,gradcampp,integrated_gradients.")] = "gradcam,gradcampp,"
-                                                                      "integrated_gradients",
-    baselines: Annotated[str, typer.Option(
-        help="Comma list: random,centre_prior,average_box (may be empty).")] =
-        "random,centre_prior,average_box",
-    metrics: Annotated[str, typer.Option(
-        help="Comma list: localization,repeatability,randomization,fidelity.")] =
-        "localization,repeatability,randomization,fidelity",
-    threshold: Annotated[float, typer.Option(help="Binarization fraction of the max.")] = 0.15,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (task).")] = 8,
+    model_seed: Annotated[int, typer.Option(help="Seed of the random-init model.")
+                          ] = AuditSettings.model_seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = AuditSettings.device,
+    methods: Annotated[str, typer.Option(help="Comma list of saliency methods.")
+                       ] = ",".join(METHOD_NAMES),
+    baselines: Annotated[str, typer.Option(help="Comma list of baselines (may be empty).")
+                         ] = ",".join(BASELINE_NAMES),
+    metrics: Annotated[str, typer.Option(help="Comma list of metric families.")
+                       ] = ",".join(METRIC_FAMILIES),
+    threshold: Annotated[float, typer.Option(help="Binarization fraction of the max.")
+                         ] = AuditSettings.threshold,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (task).")
+                          ] = AuditSettings.batch_size,
     limit: Annotated[int | None, typer.Option(help="Audit at most N images (seeded).")] = None,
     per_pathology: Annotated[int | None, typer.Option(
         help="Audit N images per pathology (stratified, seeded).")] = None,
     costly_per_pathology: Annotated[int, typer.Option(
-        help="Images per pathology for repeatability/randomization/fidelity.")] = 2,
-    seed: Annotated[int, typer.Option(help="Sampling and metric seed.")] = 0,
-    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 50,
-    ig_method: Annotated[str, typer.Option(help="IG quadrature rule.")] = "gausslegendre",
+        help="Images per pathology for repeatability/randomization/fidelity.")
+    ] = AuditSettings.costly_per_pathology,
+    seed: Annotated[int, typer.Option(help="Sampling and metric seed.")] = AuditSettings.seed,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")
+                        ] = AuditSettings.ig_steps,
+    ig_method: Annotated[str, typer.Option(help="IG quadrature rule.")
+                         ] = AuditSettings.ig_method,
     ig_baseline: Annotated[str, typer.Option(help="IG baseline: black | blurred | mean.")
-                           ] = "black",
+                           ] = AuditSettings.ig_baseline,
     out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
     save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
     registry: Annotated[str | None, typer.Option(
@@ -189,7 +196,7 @@ def report(
     html = render_report(run_dir, out_html=out)
     typer.echo(f"report: {html}")
     if pdf:
-        from audit.report.render import print_pdf
+        from audit.report import print_pdf
 
         typer.echo(f"pdf:    {print_pdf(html)}")
 
@@ -199,7 +206,7 @@ def history(
     registry: Annotated[str | None, typer.Option(help="SQLite path or SQLAlchemy URL.")] = None,
 ) -> None:
     """List the runs in the registry."""
-    from audit.store import Registry
+    from audit.store.registry import Registry
 
     table = Registry(registry).history()
     if table.empty:
@@ -220,7 +227,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
     """Per-pathology change from RUN_A to RUN_B, with CIs; exit 1 on a regression."""
-    from audit.store import Registry
+    from audit.store.registry import Registry
 
     try:
         table = Registry(registry).compare(run_a, run_b)
@@ -271,9 +278,9 @@ def serve(
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] =
         Path("reports/demo"),
-    n_images: Annotated[int, typer.Option(help="Phantom test images per set.")] = 20,
-    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 20261128,
-    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 6,
+    n_images: Annotated[int, typer.Option(help="Phantom test images per set.")] = DEMO_IMAGES,
+    seed: Annotated[int, typer.Option(help="Phantom seed.")] = DEMO_SEED,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = DEMO_IG_STEPS,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""
@@ -305,8 +312,8 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(help="Write the calibration table (CSV).")] = None,
 ) -> None:
     """Check that the audit separates the reference models; exit 1 when it does not."""
-    from audit.calibration import calibrate as run_calibration
-    from audit.phantom import marker_box
+    from audit.phantom.calibration import calibrate as run_calibration
+    from audit.phantom.generate import marker_box
 
     result = run_calibration({"honest": honest, "shortcut": shortcut, "random": random},
                              marker_box=marker_box(1024))
@@ -333,7 +340,7 @@ def phantom_generate(
     n_dicom: Annotated[int, typer.Option(help="How many images also as DICOM.")] = 4,
 ) -> None:
     """Write phantom PNGs, DICOMs and NIH-format box and label CSVs."""
-    from audit.phantom import write_phantom_dataset
+    from audit.phantom.dataset import write_phantom_dataset
 
     dataset = write_phantom_dataset(out, n_images=n_images, seed=seed, shortcut=shortcut,
                                     n_dicom=n_dicom)
@@ -350,7 +357,7 @@ def phantom_train(
     minutes: Annotated[float, typer.Option(help="Wall-time budget.")] = 45.0,
 ) -> None:
     """Train a phantom reference model (CPU, seeded, with a progress bar)."""
-    from audit.phantom_train import train
+    from audit.phantom.training import train
 
     if kind not in ("honest", "shortcut"):
         raise typer.BadParameter("kind must be honest or shortcut")

@@ -16,20 +16,13 @@ else:  # pragma: no cover
 
 import yaml
 
-SALIENCY_METHODS = ("gradcam", "gradcampp", "integrated_gradients")
-BASELINE_METHODS = ("random", "centre_prior", "average_box")
-METRIC_FAMILIES = ("localization", "repeatability", "randomization", "fidelity")
-
-DEFAULT_CRITERIA: list[dict[str, Any]] = [
-    {
-        "pathology": "*",
-        "method": "*",
-        "metric": "pointing_rate",
-        "op": ">=",
-        "value": 0.5,
-        "use": "estimate",
-    },
-]
+from audit.protocol import (
+    BASELINE_NAMES,
+    DEFAULT_CRITERIA,
+    DEFAULT_THRESHOLD,
+    METHOD_NAMES,
+    METRIC_FAMILIES,
+)
 
 
 class ConfigError(ValueError):
@@ -53,10 +46,10 @@ class AuditSettings:
     model_seed: int = 0
     device: str = "auto"
     # what to compute
-    methods: list[str] = field(default_factory=lambda: list(SALIENCY_METHODS))
-    baselines: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    baselines: list[str] = field(default_factory=lambda: list(BASELINE_NAMES))
     metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
-    threshold: float = 0.15
+    threshold: float = DEFAULT_THRESHOLD
     image_size: int = 224
     batch_size: int = 8
     # sampling
@@ -81,28 +74,24 @@ class AuditSettings:
     out: str = "reports"
     save_maps: bool = False
     registry: str | None = None
-    acceptance: list[dict[str, Any]] = field(default_factory=lambda: list(DEFAULT_CRITERIA))
+    acceptance: list[dict[str, Any]] = field(
+        default_factory=lambda: [dict(c) for c in DEFAULT_CRITERIA])
     runner: str = "default"
     dask_address: str | None = None
     dask_workers: int = 2
     progress: bool = True
 
     def validate(self) -> AuditSettings:
-        unknown = [m for m in self.methods if m not in SALIENCY_METHODS]
-        if unknown:
-            raise ConfigError(f"unknown method(s) {unknown}; choose from {list(SALIENCY_METHODS)}")
-        unknown = [m for m in self.baselines if m not in BASELINE_METHODS]
-        if unknown:
-            raise ConfigError(
-                f"unknown baseline(s) {unknown}; choose from {list(BASELINE_METHODS)}"
-            )
-        unknown = [m for m in self.metrics if m not in METRIC_FAMILIES]
-        if unknown:
-            raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(METRIC_FAMILIES)}")
+        """Check every setting before any work starts; raise `ConfigError` with one line."""
+        for label, given, known in (("method", self.methods, METHOD_NAMES),
+                                    ("baseline", self.baselines, BASELINE_NAMES),
+                                    ("metric", self.metrics, METRIC_FAMILIES)):
+            unknown = [m for m in given if m not in known]
+            if unknown:
+                raise ConfigError(f"unknown {label}(s) {unknown}; choose from {list(known)}")
         if "localization" not in self.metrics:
             self.metrics = ["localization", *self.metrics]
-        if not 0 < self.threshold < 1:
-            raise ConfigError("threshold must lie in (0, 1)")
+        _check_numbers(self)
         models = sum([bool(self.weights), bool(self.checkpoint), bool(self.random_init)])
         if models != 1:
             raise ConfigError(
@@ -113,6 +102,12 @@ class AuditSettings:
         if self.runner not in ("default", "dask"):
             raise ConfigError("runner must be 'default' or 'dask'")
         return self
+
+    def saliency_options(self) -> dict[str, Any]:
+        """The options the saliency methods take from these settings (see `get_method`)."""
+        return {"ig_steps": self.ig_steps, "ig_method": self.ig_method,
+                "ig_baseline": self.ig_baseline,
+                "ig_internal_batch_size": self.ig_internal_batch_size, "seed": self.seed}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +128,30 @@ class AuditSettings:
             "device",
         }
         return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+
+def _check_numbers(s: AuditSettings) -> None:
+    from audit.saliency.integrated_gradients import QUADRATURE_RULES
+
+    if not 0 < s.threshold < 1:
+        raise ConfigError(f"threshold must lie in (0, 1), got {s.threshold}")
+    if not 0 < s.fidelity_step <= 1:
+        raise ConfigError(f"fidelity_step must lie in (0, 1], got {s.fidelity_step}")
+    at_least = {"batch_size": 1, "image_size": 32, "ig_internal_batch_size": 1,
+                "fidelity_batch_size": 1, "dask_workers": 1, "costly_per_pathology": 0,
+                "shift_px": 0, "ig_steps": 2 if s.ig_method != "gausslegendre" else 1,
+                "limit": 1, "per_pathology": 1, "costly_max_pairs": 0}
+    for name, low in at_least.items():
+        value = getattr(s, name)
+        if value is None and name in ("limit", "per_pathology", "costly_max_pairs"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not s.noise_sigma >= 0:
+        raise ConfigError(f"noise_sigma must be >= 0, got {s.noise_sigma}")
+    if s.ig_method not in QUADRATURE_RULES:
+        raise ConfigError(f"unknown ig_method {s.ig_method!r}; choose from "
+                          f"{list(QUADRATURE_RULES)}")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

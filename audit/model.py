@@ -37,25 +37,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "KNOWN_WEIGHTS",
-    "DEFAULT_TARGET_LAYER",
-    "AuditModel",
-    "UnknownFinding",
-    "WeightsUnavailable",
-    "CheckpointError",
-    "load_model",
-    "make_hook_safe",
-    "weights_cache_path",
-    "state_dict_fingerprint",
-    "resolve_device",
-]
+from audit.protocol import DEFAULT_TARGET_LAYER, to_model_finding
+from audit.store.files import sha256_file
+
+__all__ = ["KNOWN_WEIGHTS", "DEFAULT_TARGET_LAYER", "ModelLike", "AuditModel", "apply_fp32_policy",
+           "UnknownFinding", "WeightsUnavailable", "CheckpointError", "load_model",
+           "make_hook_safe", "weights_cache_path", "state_dict_fingerprint", "resolve_device"]
 
 #: torchxrayvision DenseNet-121 weight names accepted by ``load_model(weights=...)`` (and the CLI).
 KNOWN_WEIGHTS: tuple[str, ...] = (
@@ -68,8 +61,28 @@ KNOWN_WEIGHTS: tuple[str, ...] = (
     "densenet121-res224-mimic_ch",
 )
 
-#: Name of the default CAM target: the rectified norm5 map that the classifier pools.
-DEFAULT_TARGET_LAYER = "features.norm5"
+
+
+@runtime_checkable
+class ModelLike(Protocol):
+    """What the saliency methods and metrics need from a model (``AuditModel`` is one; the
+    tests' toy models are others): a device, and pre-sigmoid logits ``[B, P]`` of ``[B, C, H,
+    W]`` images."""
+
+    device: torch.device
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def apply_fp32_policy() -> dict[str, bool]:
+    """An instrument computes in full fp32: TF32 convolutions and matmuls change CUDA maps by
+    ~1% (Grad-CAM) to ~13% (IG) against fp32. Turned off process-wide (``load_model`` calls
+    this, so a notebook gets the same maps as a flow); returns the flags as recorded in run.json.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
 class UnknownFinding(KeyError):
@@ -249,8 +262,9 @@ class AuditModel:
         names = self.pathologies
         if name and name in names:
             return names.index(name)
-        if name == "Infiltrate" and "Infiltration" in names:
-            return names.index("Infiltration")
+        alias = to_model_finding(name)
+        if alias in names:
+            return names.index(alias)
         raise UnknownFinding(name, [n for n in names if n])
 
     # ---- outputs --------------------------------------------------------------------------
@@ -270,7 +284,12 @@ class AuditModel:
         """What the model reports ``[B, P]``: ``sigmoid(logit)``, then torchxrayvision's
         operating-point normalization (``op_norm``: threshold -> 0.5, outputs without a threshold
         -> 0.5) when the weights carry ``op_threshs`` and ``op_norm`` is True."""
-        p = torch.sigmoid(self.logits(x))
+        return self.probabilities_from_logits(self.logits(x), op_norm)
+
+    def probabilities_from_logits(self, logits: torch.Tensor,
+                                  op_norm: bool = True) -> torch.Tensor:
+        """``probabilities`` of images whose logits are already computed (no second forward)."""
+        p = torch.sigmoid(logits)
         if op_norm and self.op_threshs is not None:
             p = _xrv().models.op_norm(p, self.op_threshs)
         return p
@@ -424,11 +443,7 @@ def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         if op_t.numel() != n_out:
             raise CheckpointError(f"{path}: {op_t.numel()} op_threshs for {n_out} outputs")
         net.op_threshs = op_t
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return net, {"file_sha256": h.hexdigest()}
+    return net, {"file_sha256": sha256_file(path)}
 
 
 def load_model(weights: str | None = None, checkpoint: Path | str | None = None,
@@ -445,6 +460,7 @@ def load_model(weights: str | None = None, checkpoint: Path | str | None = None,
     if sum(chosen) != 1:
         raise ValueError("give exactly one of weights=NAME, checkpoint=PATH or random_init=True")
     dev = resolve_device(device)
+    precision = apply_fp32_policy()
     xrv = _xrv()
     if weights is not None:
         if weights not in KNOWN_WEIGHTS:
@@ -463,10 +479,12 @@ def load_model(weights: str | None = None, checkpoint: Path | str | None = None,
         net.pathologies = list(xrv.models.DenseNet.targets)
         net.targets = net.pathologies
         name = f"random-init(seed={int(seed)})"
-        prov = {"source": "random_init", "seed": int(seed)}
+        prov = {"source": "random-init", "seed": int(seed)}
     for p in net.parameters():
         p.requires_grad_(True)
     net = net.to(dev).eval()
     model = AuditModel(net, name, dev, prov)
     model.provenance["fingerprint"] = model.fingerprint
+    if dev.type == "cuda":
+        model.provenance["cuda"] = {"device_name": torch.cuda.get_device_name(dev), **precision}
     return model

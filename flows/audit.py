@@ -17,15 +17,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from audit import pipeline
 from audit.config import AuditSettings
-from audit.store import Registry, RunDirectory, new_run_id, sha256_file
+from audit.run import plan
+from audit.run.assemble import RunContext, assemble_run
+from audit.run.batch import audit_batch
+from audit.store.files import sha256_file
+from audit.store.registry import Registry
+from audit.store.rundir import RunDirectory, new_run_id, read_run_json
 
 CACHE_DIRNAME = ".cache"
 COMPUTE_LOG = "computed.jsonl"
@@ -40,11 +43,7 @@ def _model_for(settings: AuditSettings) -> Any:
     spec = (settings.weights, settings.checkpoint, settings.random_init, settings.model_seed,
             settings.device)
     if spec not in _MODELS:
-        # TF32 convolutions change CUDA maps by ~1% (Grad-CAM) to ~13% (IG) against fp32:
-        # an instrument computes in full fp32 (recorded in run.json).
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        _MODELS[spec] = load_model(
+        _MODELS[spec] = load_model(  # applies the fp32 policy (TF32 off)
             weights=settings.weights,
             checkpoint=Path(settings.checkpoint) if settings.checkpoint else None,
             random_init=settings.random_init,
@@ -107,8 +106,8 @@ def audit_batch_task(
     rows = manifest[manifest["image_key"].isin(image_keys)]
     model = _model_for(run_settings)
     started = time.perf_counter()
-    pipeline.audit_batch(model, rows, Path(images_root), run_settings,
-                         [tuple(p) for p in costly], out_dir)
+    audit_batch(model, rows, Path(images_root), run_settings, [tuple(p) for p in costly],
+                out_dir)
     with open(Path(cache_dir) / COMPUTE_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(json.dumps({"key": key, "index": index, "pid": os.getpid(),
                                    "seconds": round(time.perf_counter() - started, 3)}) + "\n")
@@ -156,52 +155,41 @@ def ingest_flow(images: str, bboxes: str | None, labels: str | None, name: str,
 
 
 def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDirectory, Path]:
-    """The body of the `audit` flow; also used by `audit_run`."""
-    from audit.data.manifest import read_manifest
+    """The body of the `audit` flow (also used by `audit_run`): plan, batches as tasks,
+    assemble the run directory in its staging folder."""
+    from audit.data.manifest import read_manifest, read_sidecar
 
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     manifest_path = Path(manifest_csv)
-    sidecar = json.loads(manifest_path.with_suffix(".json").read_text())
-    images_root = sidecar["images_dir"]
-    manifest = read_manifest(manifest_path)
-    selection = pipeline.select_images(manifest, settings)
+    sidecar = read_sidecar(manifest_path)
+    selection = plan.select_images(read_manifest(manifest_path), settings)
     model = _model_for(settings)
-    batches = pipeline.plan_batches(selection, settings.batch_size)
-    out_root = Path(settings.out)
-    cache_dir = out_root / CACHE_DIRNAME
+    batches = plan.plan_batches(selection, settings, model.fingerprint)
+    cache_dir = Path(settings.out) / CACHE_DIRNAME
     (cache_dir / "batches").mkdir(parents=True, exist_ok=True)
-    settings_dict = settings.to_dict()
     timings["plan"] = time.perf_counter() - tick
     logger.info("auditing %d images in %d batches with model %s (%s)",
                 selection.manifest["image_key"].nunique(), len(batches), model.name,
                 model.fingerprint[:12])
 
     tick = time.perf_counter()
-    futures = []
-    for index, image_keys in enumerate(batches):
-        rows = selection.manifest[selection.manifest["image_key"].isin(image_keys)]
-        costly = [list(p) for p in selection.costly if p[0] in set(image_keys)]
-        key = pipeline.batch_cache_key(rows, costly, model.fingerprint, settings)
-        futures.append(audit_batch_task.submit(index, key, image_keys, str(manifest_path),
-                                               images_root, settings_dict, costly,
-                                               str(cache_dir)))
-    batch_dirs = []
-    for future in tqdm(futures, desc="explain+score", unit="batch",
-                       disable=not settings.progress):
-        batch_dirs.append(future.result())
+    futures = [audit_batch_task.submit(b.index, b.key, b.image_keys, str(manifest_path),
+                                       sidecar["images_dir"], settings.to_dict(),
+                                       [list(p) for p in b.costly], str(cache_dir))
+               for b in batches]
+    batch_dirs = [Path(f.result()) for f in tqdm(futures, desc="explain+score", unit="batch",
+                                                 disable=not settings.progress)]
     timings["explain_score"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    run_id = new_run_id(started_at, salt=model.fingerprint)
-    run = RunDirectory.create(out_root, run_id)
-    staging = pipeline.assemble_run(
-        run=run, batch_dirs=[Path(p) for p in batch_dirs], selection=selection,
-        settings=settings, model=model, manifest_csv=manifest_path, manifest_sidecar=sidecar,
-        started_at=started_at, timings=timings, host=socket.gethostname(),
-    )
+    run = RunDirectory.create(Path(settings.out), new_run_id(started_at, salt=model.fingerprint))
+    context = RunContext(selection=selection, settings=settings, model=model,
+                         manifest_csv=manifest_path, manifest_sidecar=sidecar,
+                         started_at=started_at, timings=timings, host=socket.gethostname())
+    staging = assemble_run(run, batch_dirs, context)
     timings["assemble"] = time.perf_counter() - tick
     return run, staging
 
@@ -209,11 +197,10 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
 def report_and_finish(run: RunDirectory, registry: str | None) -> tuple[str, str]:
     """Render the report into the run, finish (rename) it, record it in the registry."""
     from audit.report import render_markdown_summary
-    from audit.store import load_run
 
     logger = get_run_logger()
     reg = Registry(registry)
-    info = load_run(run.staging)
+    info = read_run_json(run.staging)
     previous = reg.latest_run(info["model"]["fingerprint"], info["dataset"]["manifest_sha256"])
     previous_dir = Path(previous[1]) if previous and Path(previous[1]).exists() else None
     render_report_task(str(run.staging), str(previous_dir) if previous_dir else None)

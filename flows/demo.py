@@ -12,17 +12,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from audit.config import AuditSettings
 from audit.metrics.randomization import DENSENET_CASCADE_SHORT
+from audit.phantom import DEMO_IG_STEPS, DEMO_IMAGES, DEMO_SEED
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
-
-DEMO_IMAGES = 20
-DEMO_SEED = 20261128
 
 
 def demo_datasets(out: Path, n_images: int, seed: int) -> dict[str, Any]:
     """Two phantom test sets: the standard one (honest and random models) and the shortcut one
     (a laterality marker present exactly when a faint Mass is), where the shortcut model is
     right for the wrong reason."""
-    from audit.phantom import write_phantom_dataset
+    from audit.phantom.dataset import write_phantom_dataset
 
     return {
         "standard": write_phantom_dataset(out / "standard", n_images=n_images, seed=seed),
@@ -33,7 +31,7 @@ def demo_datasets(out: Path, n_images: int, seed: int) -> dict[str, Any]:
 
 def reference_models() -> dict[str, dict[str, Any]]:
     """Model settings of the three reference models (shipped weights are sha256-verified)."""
-    from audit.phantom_train import WEIGHTS_DIR, load_phantom_weights, read_manifest
+    from audit.phantom.models import WEIGHTS_DIR, load_phantom_weights, read_manifest
 
     manifest = read_manifest()
     models: dict[str, dict[str, Any]] = {}
@@ -46,11 +44,11 @@ def reference_models() -> dict[str, dict[str, Any]]:
 
 @flow(name="demo", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int = DEMO_SEED,
-              ig_steps: int = 8, registry: str | None = None,
+              ig_steps: int = DEMO_IG_STEPS, registry: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Phantom -> ingest -> audit honest/shortcut/random -> reports -> calibration."""
-    from audit.calibration import calibrate
-    from audit.phantom import marker_box
+    from audit.phantom.calibration import calibrate
+    from audit.phantom.generate import marker_box
     from audit.report import render_side_by_side
 
     logger = get_run_logger()

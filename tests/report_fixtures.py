@@ -2,11 +2,11 @@
 
 Everything is random but seeded, so tests of the report (and of anything else that reads a run
 directory) do not depend on the rest of the pipeline. The numbers are made up; the shapes, column
-names, file names and key formats are the contract that `audit/store.py` writes:
+names, file names and key formats are the contract that `audit/store/rundir.py` defines:
 
     run.json, boxes.parquet + boxes.csv, images.parquet, curves.parquet,
     per_pathology.csv + per_pathology.json, paired.csv, rejects.csv,
-    thumbs/<image_key> (grayscale PNG, 256 px max side),
+    thumbs/<thumbnail_name(image_key)> (grayscale PNG, 256 px max side),
     maps/<method>.npz (keys "<image_key>|<finding>"),
     average_maps.npz ("<method>|<finding>", "expert|<finding>").
 
@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from audit.store.rundir import thumbnail_name
 
 # NIH ChestX-ray14 box counts per finding (984 boxes in all).
 NIH_BOX_COUNTS = {
@@ -95,9 +97,8 @@ def _split_counts(n_boxes: int, findings: list[str]) -> dict[str, int]:
 
 
 def thumb_name(image_key: str) -> str:
-    """File name of an image's thumbnail under thumbs/ (the key itself when it ends in .png)."""
-    safe = "".join(c if (c.isalnum() or c in "._-") else "_" for c in image_key)
-    return safe if safe.lower().endswith(".png") else safe + ".png"
+    """File name of an image's thumbnail under thumbs/ (as the run writer names it)."""
+    return thumbnail_name(image_key)
 
 
 def _smooth_field(rng: np.random.Generator, size: int, coarse: int = 8) -> np.ndarray:
@@ -294,7 +295,7 @@ def build_run_dir(
             row["threshold"] = 0.15
             rows.append(row)
     boxes = pd.DataFrame(rows)
-    # as audit/store.py: the pathology (model finding name) and the best-matching box per
+    # as the run writer (audit/run/): the pathology (model finding name) and the best box per
     # (image, finding, method); aggregates use the best-matching rows only
     boxes["pathology"] = boxes["model_finding"]
     order = boxes.sort_values("iou", ascending=False, kind="mergesort")

@@ -21,10 +21,10 @@ from audit.data.manifest import (
     ingest,
     manifest_boxes,
     read_manifest,
-    write_atomic,
 )
 from audit.data.nih import default_bbox_csv, read_bbox_csv
 from audit.data.readers import read_image
+from audit.store.files import atomic_write_bytes as write_atomic
 
 DEV_COUNTS = {
     "Atelectasis": 85,

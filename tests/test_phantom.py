@@ -1,4 +1,4 @@
-"""Digital phantom (audit/phantom.py) and its shipped reference weights (audit/weights/)."""
+"""Digital phantom (audit/phantom/) and its shipped reference weights (audit/weights/)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.phantom import (
+from audit.phantom.dataset import (
     BBOX_CSV_HEADER,
     DATA_ENTRY_HEADER,
+    read_csv_header,
+    write_phantom_dataset,
+)
+from audit.phantom.generate import (
     FINDINGS,
     MARKER_BOX_1024,
     PhantomConfig,
     generate_phantom,
     marker_box,
-    read_csv_header,
-    write_phantom_dataset,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "audit" / "weights"
@@ -226,7 +228,7 @@ def test_shipped_weights_exist_and_match_the_manifest():
 def test_load_phantom_weights_gives_float32_densenet_state_dict():
     import torch
 
-    from audit.phantom_train import load_phantom_weights, make_net
+    from audit.phantom.models import load_phantom_weights, make_net
 
     sd = load_phantom_weights("honest")
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
@@ -234,7 +236,7 @@ def test_load_phantom_weights_gives_float32_densenet_state_dict():
 
 
 def test_load_phantom_weights_rejects_a_modified_file(tmp_path):
-    from audit.phantom_train import WeightsMismatch, load_phantom_weights
+    from audit.phantom.models import WeightsMismatch, load_phantom_weights
 
     for name in ("MANIFEST.json", "phantom_shortcut.pt"):
         shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
@@ -248,14 +250,10 @@ def test_load_phantom_weights_rejects_a_modified_file(tmp_path):
 def test_shipped_model_short_path_equals_the_full_densenet_graph():
     import torch
 
-    from audit.phantom_train import (
-        all_cams,
-        finding_indices,
-        frontend_features,
-        full_block4_input,
-        load_phantom_model,
-        phantom_batch,
-    )
+    from audit.phantom.evaluation import all_cams
+    from audit.phantom.frontend import frontend_features, full_block4_input
+    from audit.phantom.models import finding_indices, load_phantom_model
+    from audit.phantom.training import phantom_batch
 
     net = load_phantom_model("honest")
     b = phantom_batch(5, range(1))
@@ -271,7 +269,7 @@ def test_shipped_model_short_path_equals_the_full_densenet_graph():
 def test_random_control_is_seeded():
     import torch
 
-    from audit.phantom_train import load_phantom_model
+    from audit.phantom.models import load_phantom_model
 
     a, b = load_phantom_model("random", seed=3), load_phantom_model("random", seed=3)
     c = load_phantom_model("random", seed=4)
@@ -297,13 +295,9 @@ def test_manifest_records_the_targets_reached():
 def test_head_training_is_reproducible_and_trains_only_the_head(tmp_path):
     import torch
 
-    from audit.phantom_train import (
-        build_feature_cache,
-        build_frontend,
-        make_net,
-        silence_block4_after,
-        train_head,
-    )
+    from audit.phantom.frontend import build_frontend, silence_block4_after
+    from audit.phantom.models import make_net
+    from audit.phantom.training import build_feature_cache, train_head
 
     cache = build_feature_cache(4, 8, shortcut=False, workers=1, progress=False)
     kw = {"max_steps": 1, "batch_size": 8, "progress": False, "location_weight": 1.0}

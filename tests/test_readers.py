@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from audit.data import dicom as dcm
+from audit.data import dicom_pixels as pix
 from audit.data.readers import (
     DecodedImage,
     RejectedInput,
@@ -212,13 +213,13 @@ def test_rescale_then_first_window_then_monochrome1_inversion_hand_values():
     # MONOCHROME1 over the window's [0, 1]: 1 - 0.48825 = 0.51175.
     # stored 600 -> 176 -> 0.08825 -> 0.91175; 1200 -> 1376 -> 0.68825 -> 0.31175;
     # 0 -> -1024 (below) -> 0 -> 1; 2000 and 4095 -> above -> 1 -> 0.
-    params = dcm.GrayscaleParams(
+    params = pix.GrayscaleParams(
         photometric="MONOCHROME1",
         rescale_slope=hostile.MONO1_SLOPE,
         rescale_intercept=hostile.MONO1_INTERCEPT,
         windows=hostile.MONO1_WINDOWS,
     )
-    values, info = dcm.grayscale_pipeline(hostile.MONO1_STORED, params)
+    values, info = pix.grayscale_pipeline(hostile.MONO1_STORED, params)
     np.testing.assert_allclose(values, hostile.MONO1_EXPECTED, atol=1e-12)
     assert info["voi"] == "window center=1000 width=2001 LINEAR (1 of 2)"
     assert info["inverted"] is True
@@ -227,10 +228,10 @@ def test_rescale_then_first_window_then_monochrome1_inversion_hand_values():
 
 def test_window_is_applied_to_modality_values_not_stored_values():
     # Windowing the stored 1000 directly would give (1000 - 999.5)/2000 + 0.5 = 0.50025.
-    params = dcm.GrayscaleParams(
+    params = pix.GrayscaleParams(
         rescale_slope=2.0, rescale_intercept=-1024.0, windows=((1000, 2001),)
     )
-    values, _ = dcm.grayscale_pipeline(np.array([1000]), params)
+    values, _ = pix.grayscale_pipeline(np.array([1000]), params)
     assert values[0] == pytest.approx(0.48825)
     assert values[0] != pytest.approx(0.50025)
 
@@ -238,49 +239,49 @@ def test_window_is_applied_to_modality_values_not_stored_values():
 def test_linear_window_follows_the_standard_formula():
     # c=100, w=101: y = 0 at x <= 49.5, 1 above 149.5, ((x - 99.5)/100 + 0.5) between.
     x = np.array([0.0, 49.5, 74.5, 99.5, 149.5, 150.0])
-    np.testing.assert_allclose(dcm.window(x, 100, 101), [0, 0, 0.25, 0.5, 1.0, 1.0])
-    np.testing.assert_allclose(dcm.window(x, 100, 101, out_range=(0, 255))[3], 127.5)
+    np.testing.assert_allclose(pix.window(x, 100, 101), [0, 0, 0.25, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(pix.window(x, 100, 101, out_range=(0, 255))[3], 127.5)
 
 
 def test_linear_exact_and_sigmoid_windows():
     x = np.array([40.0, 50.0, 75.0, 100.0, 150.0, 160.0])
-    np.testing.assert_allclose(dcm.window(x, 100, 100, "LINEAR_EXACT"), [0, 0, 0.25, 0.5, 1.0, 1.0])
-    y = dcm.window(x, 100, 100, "SIGMOID")
+    np.testing.assert_allclose(pix.window(x, 100, 100, "LINEAR_EXACT"), [0, 0, 0.25, 0.5, 1.0, 1.0])
+    y = pix.window(x, 100, 100, "SIGMOID")
     assert y[3] == pytest.approx(0.5) and y[4] == pytest.approx(1 / (1 + np.exp(-2)))
 
 
 def test_modality_lut_sequence_replaces_rescale():
-    lut = dcm.Lut(first_mapped=10, data=np.array([100.0, 200.0, 300.0]), bits=16)
-    params = dcm.GrayscaleParams(rescale_slope=5.0, modality_lut=lut)
-    values, info = dcm.grayscale_pipeline(np.array([5, 10, 11, 12, 50]), params)
+    lut = pix.Lut(first_mapped=10, data=np.array([100.0, 200.0, 300.0]), bits=16)
+    params = pix.GrayscaleParams(rescale_slope=5.0, modality_lut=lut)
+    values, info = pix.grayscale_pipeline(np.array([5, 10, 11, 12, 50]), params)
     np.testing.assert_array_equal(values, [100, 100, 200, 300, 300])
     assert info["modality_lut"] == "modality LUT sequence"
 
 
 def test_voi_lut_is_preferred_and_monochrome1_inverts_over_the_lut_range():
-    voi = dcm.Lut(first_mapped=0, data=np.array([0.0, 10.0, 255.0]), bits=8)
-    params = dcm.GrayscaleParams(photometric="MONOCHROME1", voi_luts=(voi,), windows=((1, 1),))
-    values, info = dcm.grayscale_pipeline(np.array([0, 1, 2]), params)
+    voi = pix.Lut(first_mapped=0, data=np.array([0.0, 10.0, 255.0]), bits=8)
+    params = pix.GrayscaleParams(photometric="MONOCHROME1", voi_luts=(voi,), windows=((1, 1),))
+    values, info = pix.grayscale_pipeline(np.array([0, 1, 2]), params)
     np.testing.assert_array_equal(values, [255, 245, 0])
     assert info["voi"] == "VOI LUT 1 of 1"
 
 
 def test_without_voi_monochrome1_inverts_over_the_actual_range():
-    params = dcm.GrayscaleParams(photometric="MONOCHROME1")
-    values, info = dcm.grayscale_pipeline(np.array([10, 20, 30]), params)
+    params = pix.GrayscaleParams(photometric="MONOCHROME1")
+    values, info = pix.grayscale_pipeline(np.array([10, 20, 30]), params)
     np.testing.assert_array_equal(values, [30, 20, 10])
     assert info["voi"] == "none"
 
 
 def test_presentation_lut_shape_inverse_inverts_monochrome2():
-    params = dcm.GrayscaleParams(presentation_lut_shape="INVERSE", windows=((100, 101),))
-    values, info = dcm.grayscale_pipeline(np.array([74.5]), params)
+    params = pix.GrayscaleParams(presentation_lut_shape="INVERSE", windows=((100, 101),))
+    values, info = pix.grayscale_pipeline(np.array([74.5]), params)
     assert values[0] == pytest.approx(0.75) and info["inverted"] is True
 
 
 def test_invalid_window_width_is_skipped_with_a_warning():
-    params = dcm.GrayscaleParams(windows=((100, 0),))
-    values, info = dcm.grayscale_pipeline(np.array([1, 2]), params)
+    params = pix.GrayscaleParams(windows=((100, 0),))
+    values, info = pix.grayscale_pipeline(np.array([1, 2]), params)
     np.testing.assert_array_equal(values, [1, 2])
     assert any("invalid VOI window" in w for w in info["warnings"])
 

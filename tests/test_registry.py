@@ -1,5 +1,5 @@
-"""The run registry (audit/store.py `Registry`, `compare_results`) on SQLite and PostgreSQL,
-and the `cxr-audit history` / `cxr-audit compare` commands on top of it.
+"""The run registry (audit/store/registry.py `Registry`, `compare_results`) on SQLite and
+PostgreSQL, and the `cxr-audit history` / `cxr-audit compare` commands on top of it.
 
 The PostgreSQL variants run against a throwaway server (tests/pg.py) and are skipped, with the
 reason, when it cannot be started.
@@ -16,7 +16,7 @@ import pytest
 from pg import PostgresUnavailable, start_postgres
 from typer.testing import CliRunner
 
-from audit.store import Registry, compare_results
+from audit.store.registry import Registry, compare_results
 from tests.external import missing
 
 FP_A = "a" * 64  # model fingerprint of the audited model
@@ -135,7 +135,7 @@ def db_url(request, tmp_path) -> str:
     url = request.getfixturevalue("pg_database")
     from sqlalchemy import create_engine
 
-    from audit.store import _metadata
+    from audit.store.registry import _metadata
 
     engine = create_engine(url)  # one database for the session, emptied before each test
     try:
@@ -275,7 +275,7 @@ def test_a_second_registry_on_the_same_url_sees_the_runs(recorded, make_registry
 
 
 def test_record_run_of_an_unfinished_directory_fails(make_registry, tmp_path):
-    from audit.store import RunDirectoryError
+    from audit.store.rundir import RunDirectoryError
 
     (tmp_path / ".run-X.partial").mkdir()
     with pytest.raises(RunDirectoryError):

@@ -413,27 +413,32 @@ def test_run_with_only_run_json_and_per_pathology_renders(tmp_path):
     assert "Gallery: per-box scores not computed in this run." in html
 
 
-def test_both_column_namings_of_hit_rate_cis_and_paired_tables_are_read(tmp_path):
+def test_hit_rate_cis_and_paired_differences_are_read_as_written(tmp_path):
     run = build_run_dir(tmp_path / "run", n_boxes=20, findings=["Mass", "Effusion"])
     pp = pd.read_csv(run / "per_pathology.csv")
-    renamed = pp.rename(columns={c: c[:-3] + "_rate" + c[-3:] for c in pp.columns
-                                 if c.startswith(("iou_hit", "iobb_hit"))
-                                 and c.endswith(("_lo", "_hi"))})
-    assert "iobb_hit_0.5_rate_lo" in renamed.columns
-    renamed.to_csv(run / "per_pathology.csv", index=False)
     paired = pd.read_csv(run / "paired.csv")
-    paired = paired.rename(columns={"mean_diff": "diff", "diff_lo": "lo", "diff_hi": "hi"})
-    paired[["pathology", "method_a", "method_b", "metric", "diff", "lo", "hi"]].to_csv(
-        run / "paired.csv", index=False)
     html = render_report(run, tmp_path / "out" / "r.html").read_text()
     tb = parse(html)
     (sec,) = tb.root.find_all("section", id="pathology-mass")
     (hits,) = sec.find_all("table", **{"class": "hits-table"})
     (tr,) = [t for t in hits.find_all("tr") if t.attrs.get("data-method") == "gradcam"]
     (span,) = [n for n in tr.iter() if n.attrs.get("data-col") == "iobb_hit_0.5_lo"]
-    row = renamed[(renamed.pathology == "Mass") & (renamed.method == "gradcam")].iloc[0]
-    assert float(span.attrs["data-value"]) == row["iobb_hit_0.5_rate_lo"]
-    assert "Paired differences" in sec.all_text() and "n pairs" not in sec.all_text()
+    row = pp[(pp.pathology == "Mass") & (pp.method == "gradcam")].iloc[0]
+    assert float(span.attrs["data-value"]) == row["iobb_hit_0.5_lo"]
+    text = sec.all_text()
+    assert "Paired differences" in text and "n pairs" in text
+    first = paired[paired.pathology == "Mass"].iloc[0]
+    for col in ("mean_diff", "diff_lo", "diff_hi"):
+        assert f"{first[col]:.3f}" in text, col
+
+
+def test_report_names_the_run_not_its_staging_folder(tmp_path):
+    run = build_run_dir(tmp_path / ".run-x.partial", n_boxes=12, findings=["Mass", "Nodule"],
+                        run_id="run-x", with_curves=False)
+    html = render_report(run).read_text()  # rendered inside the staging folder, as the flow does
+    assert "run-x" in html
+    for text in (html, (run / "summary.md").read_text(), render_markdown_summary(run)):
+        assert ".partial" not in text
 
 
 # ---- change since the previous run, Markdown, side by side -----------------------------------
@@ -537,18 +542,12 @@ def test_report_for_984_boxes_stays_under_25_mb(tmp_path, record_property):
     assert "Some thumbnails are not stored" not in html
 
 
-def test_original_sizes_come_from_boxes_index_or_manifest_before_the_nih_assumption(tmp_path):
+def test_original_sizes_come_from_the_boxes_before_the_nih_assumption():
     from audit.report.gallery import OriginalSizes
 
-    manifest = tmp_path / "m.csv"
-    pd.DataFrame({"image_key": ["a.dcm", "b.png"], "path": ["a.dcm", "b.png"],
-                  "width": [2000, 1024], "height": [1500, 1024]}).to_csv(manifest, index=False)
-    thumbs = tmp_path / "thumbs"
-    thumbs.mkdir()
-    (thumbs / "index.json").write_text(json.dumps({"b.png": {"width": 800, "height": 600}}))
-    boxes = pd.DataFrame({"image_key": ["c.png"], "width": [640], "height": [480]})
-    sizes = OriginalSizes(boxes, thumbs, manifest)
-    assert sizes.get("a.dcm", (256, 192)) == (2000.0, 1500.0)
+    boxes = pd.DataFrame({"image_key": ["b.png", "c.png"], "width": [800, 640],
+                          "height": [600, 480]})
+    sizes = OriginalSizes(boxes)
     assert sizes.get("b.png", (256, 192)) == (800.0, 600.0)
     assert sizes.get("c.png", None) == (640.0, 480.0)
     assert not sizes.assumed

@@ -147,7 +147,7 @@ def test_side_by_side_renders_offline(tmp_path):
 
 def test_print_pdf_uses_the_print_stylesheet(tmp_path):
     _require_chromium()
-    from audit.report.render import ReportExistsError, print_pdf
+    from audit.report import ReportExistsError, print_pdf
 
     run = build_run_dir(tmp_path / "run", n_boxes=12, findings=["Mass", "Effusion"],
                         with_curves=False)

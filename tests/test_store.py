@@ -1,4 +1,4 @@
-"""audit/store.py: atomic file writes, run directories, and the registry URL."""
+"""audit/store/: atomic file writes (files.py), run directories (rundir.py), the registry URL."""
 
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audit import store
-from audit.store import (
-    REGISTRY_ENV,
-    RunDirectory,
-    RunDirectoryError,
+from audit.store import files as store
+from audit.store.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
     atomic_write_text,
-    load_run,
-    new_run_id,
-    read_table,
-    registry_url,
     sha256_file,
+)
+from audit.store.registry import REGISTRY_ENV, registry_url
+from audit.store.rundir import (
+    RunDirectory,
+    RunDirectoryError,
+    new_run_id,
+    read_run_json,
+    read_table,
 )
 
 
@@ -168,14 +169,14 @@ def test_run_directory_writes_to_staging_and_finish_renames(tmp_path):
         "boxes.parquet", "per_pathology.csv", "run.json"]
     assert not run.final.exists()  # nothing visible under the run id until finish()
     with pytest.raises(RunDirectoryError):
-        load_run(run.staging.parent / "run-1")
+        read_run_json(run.staging.parent / "run-1")
 
     final = run.finish()
     assert final == tmp_path / "reports" / "run-1"
     assert not run.staging.exists()
     assert sorted(p.name for p in final.iterdir()) == [
         "boxes.parquet", "per_pathology.csv", "run.json"]
-    assert load_run(final) == {"run_id": "run-1"}
+    assert read_run_json(final) == {"run_id": "run-1"}
     # only the finished directory is left in the root: no temp files, no staging folder
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["run-1"]
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +39,8 @@ import pandas as pd
 
 from audit.data.nih import default_bbox_csv, read_bbox_csv, read_labels_csv, to_model_finding
 from audit.data.readers import DEFAULT_MAX_PIXELS, inspect_file, sniff_file
+from audit.store.files import atomic_write_bytes, sha256_bytes, sha256_file
+from audit.store.rundir import REJECT_COLUMNS
 
 MANIFEST_COLUMNS = [
     "image_key",
@@ -62,7 +62,6 @@ MANIFEST_COLUMNS = [
 ]
 log = logging.getLogger(__name__)
 
-REJECT_COLUMNS = ["path", "image_key", "finding", "reason"]
 IMAGE_EXTENSIONS = (".png", ".dcm", ".dicom")
 """Files with these extensions are always read (and rejected when bad); any other file is read
 only when its first bytes look like PNG or DICOM (e.g. DICOMs named by UID, with no extension)."""
@@ -108,44 +107,6 @@ def tool_version() -> str:
         return dist_version("cxr-audit")
     except Exception:  # noqa: BLE001 - not installed (e.g. run from a source tree)
         return "0+unknown"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
-        raise
-    with _suppress_oserror():  # make the rename itself durable where the platform allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def _format_cell(value: Any) -> str:
@@ -388,10 +349,9 @@ def ingest(
     rejects_bytes = _csv_bytes(REJECT_COLUMNS, rejects)
 
     manifest_csv = out / f"{name}.csv"
-    rejects_csv = out / f"{name}.rejects.csv"
-    json_path = out / f"{name}.json"
-    write_atomic(manifest_csv, manifest_bytes)
-    write_atomic(rejects_csv, rejects_bytes)
+    rejects_csv, json_path = rejects_path(manifest_csv), sidecar_path(manifest_csv)
+    atomic_write_bytes(manifest_csv, manifest_bytes)
+    atomic_write_bytes(rejects_csv, rejects_bytes)
 
     n_boxes = sum(1 for r in manifest_rows if r[col["finding"]] is not None)
     findings = Counter(r[col["finding"]] for r in manifest_rows if r[col["finding"]] is not None)
@@ -405,8 +365,8 @@ def ingest(
         "tool_version": tool_version(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "images_dir": str(images_root.resolve()),
-        "manifest_csv": {"file": manifest_csv.name, "sha256": _sha(manifest_bytes)},
-        "rejects_csv": {"file": rejects_csv.name, "sha256": _sha(rejects_bytes)},
+        "manifest_csv": {"file": manifest_csv.name, "sha256": sha256_bytes(manifest_bytes)},
+        "rejects_csv": {"file": rejects_csv.name, "sha256": sha256_bytes(rejects_bytes)},
         "sources": {
             "bboxes_csv": {
                 "path": str(box_path.resolve()),
@@ -438,7 +398,7 @@ def ingest(
         "images": {k: images[k]["sha256"] for k in sorted(images)},
     }
     text = json.dumps(sidecar, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    write_atomic(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, text.encode("utf-8"))
     return IngestResult(
         manifest_csv=manifest_csv,
         rejects_csv=rejects_csv,
@@ -447,10 +407,6 @@ def ingest(
         n_boxes=n_boxes,
         n_rejects=len(rejects),
     )
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _manifest_row(
@@ -486,6 +442,21 @@ def _manifest_row(
 # --------------------------------------------------------------------------------------------
 # Reading back
 # --------------------------------------------------------------------------------------------
+def rejects_path(manifest_csv: str | os.PathLike[str]) -> Path:
+    """``NAME.rejects.csv`` beside ``NAME.csv``."""
+    return Path(str(manifest_csv).removesuffix(".csv") + ".rejects.csv")
+
+
+def sidecar_path(manifest_csv: str | os.PathLike[str]) -> Path:
+    """``NAME.json`` beside ``NAME.csv``."""
+    return Path(manifest_csv).with_suffix(".json")
+
+
+def read_sidecar(manifest_csv: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest's JSON sidecar (images folder, every file's sha256, counts)."""
+    return json.loads(sidecar_path(manifest_csv).read_text())
+
+
 def read_manifest(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
     """Load a manifest CSV with proper dtypes.
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from audit import protocol
+
 BBOX_COLUMNS = ["image_key", "finding", "x", "y", "w", "h"]
 LABEL_COLUMNS = [
     "image_key",
@@ -40,13 +42,10 @@ LABEL_COLUMNS = [
 ]
 NO_FINDING = "No Finding"
 
-_NIH_TO_MODEL = {"Infiltrate": "Infiltration"}
-
-
 def to_model_finding(nih_name: str) -> str:
-    """The model output name for an NIH finding: ``Infiltrate`` -> ``Infiltration``; others pass."""
-    name = nih_name.strip()
-    return _NIH_TO_MODEL.get(name, name)
+    """The model output name for an NIH finding: ``Infiltrate`` -> ``Infiltration``; others pass
+    (surrounding spaces removed)."""
+    return protocol.to_model_finding(nih_name.strip())
 
 
 def _torchxrayvision_data_dir() -> Path:

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from audit.data.readers import (
+from audit.data.decoded import (
     DEFAULT_MAX_PIXELS,
     PNG_SIGNATURE,
     DecodedImage,

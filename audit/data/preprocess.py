@@ -2,11 +2,10 @@
 
 Intensity: torchxrayvision's ``xrv.datasets.normalize(img, maxval)`` computes
 ``(img / maxval) * 2048 - 1024``, with ``maxval`` the nominal maximum of the file's bit depth (255
-for its 8-bit PNGs). Decoded images here come in many ranges (8-bit PNG, 16-bit PNG, a DICOM
-window in [0, 1], raw 15-bit values), so the image's own range is used: min-max scale to [0, 1]
-first, i.e. ``maxval = max - min`` after subtracting ``min``. For an 8-bit PNG spanning 0..255 this
-is exactly torchxrayvision's value; in general the darkest pixel maps to -1024 and the brightest to
-+1024.
+for its 8-bit PNGs). Here every image is scaled by its *nominal* range (`nominal_range`): the bit
+depth of a PNG or DICOM, or the output range of a DICOM VOI window; for an 8-bit PNG this is
+exactly torchxrayvision's value, whatever the image's own darkest and brightest pixels. Only
+when no nominal range is known does the image's own min-max stand in.
 
 Geometry: the image is resized (never cropped or padded) to ``size x size`` with bilinear
 interpolation and antialiasing (``torch.nn.functional.interpolate``, deterministic on CPU), so a
@@ -156,6 +155,17 @@ def box_pixel_bounds(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int,
     if c1 < c0 or r1 < r0:
         return None
     return c0, r0, c1, r1
+
+
+def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` float64 mask: 1 on the pixels whose centre lies in the closed box (the pixels
+    of `box_pixel_bounds`), 0 elsewhere."""
+    mask = np.zeros(shape, dtype=np.float64)
+    bounds = box_pixel_bounds(box, shape)
+    if bounds is not None:
+        c0, r0, c1, r1 = bounds
+        mask[r0 : r1 + 1, c0 : c1 + 1] = 1.0
+    return mask
 
 
 def draw_box(

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from audit.data.decoded import (
+    DEFAULT_MAX_PIXELS,
+    DICOM_MAGIC,
+    DICOM_MAGIC_OFFSET,
+    PNG_SIGNATURE,
+    DecodedImage,
+    RejectedInput,
+    check_not_empty,
+)
 
-DEFAULT_MAX_PIXELS = 100_000_000
-"""Largest Rows x Columns (or PNG width x height) that is decoded; checked from the header."""
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-DICOM_MAGIC = b"DICM"
-DICOM_MAGIC_OFFSET = 128
 SNIFF_BYTES = DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)
 
 # Formats that are recognised only to give a clearer reason when they are refused.
@@ -41,22 +41,6 @@ _OTHER_SIGNATURES = {
     b"\x1f\x8b": "gzip",
     b"PK\x03\x04": "zip",
 }
-
-
-class RejectedInput(Exception):
-    """A file that cannot be used; ``reason`` says why in plain words (no header values)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class DecodedImage:
-    """A decoded image: ``pixels`` float32 (H, W), bone bright; ``meta`` technical fields only."""
-
-    pixels: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -149,25 +133,3 @@ def inspect_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIX
     except Exception as e:  # noqa: BLE001 - a reader bug must not stop an ingest run
         return {"sha256": sha, "reason": f"unexpected reader error ({type(e).__name__})"}
     return {"sha256": sha, "meta": image.meta}
-
-
-def check_not_empty(pixels: np.ndarray) -> None:
-    """Reject decodes that carry no image: non-finite values, constant or all-zero arrays."""
-    if pixels.ndim != 2 or pixels.size == 0:
-        raise RejectedInput(f"empty decode: array of shape {tuple(pixels.shape)}")
-    if not np.isfinite(pixels).all():
-        raise RejectedInput("empty decode: image contains non-finite values")
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if lo == hi:
-        what = "all zero" if hi == 0 else "constant"
-        raise RejectedInput(f"empty decode: image is {what}")
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of the first three channels (alpha ignored), float32 (H, W)."""
-    c = rgb[..., :3].astype(np.float32)
-    gray = 0.299 * c[..., 0] + 0.587 * c[..., 1] + 0.114 * c[..., 2]
-    # Where R == G == B the luma must equal that value exactly (weights sum to 1 only
-    # approximately in float32); keep gray pixels bit-exact.
-    equal = (c[..., 0] == c[..., 1]) & (c[..., 1] == c[..., 2])
-    return np.where(equal, c[..., 0], gray).astype(np.float32)

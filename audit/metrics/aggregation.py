@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from audit.protocol import HIT_THRESHOLDS, method_kind
+
 __all__ = [
-    "BASELINE_METHODS",
     "wilson_interval",
     "bootstrap_ci",
     "bootstrap_distribution",
@@ -36,8 +37,6 @@ __all__ = [
     "evaluate_criteria",
 ]
 
-BASELINE_METHODS = frozenset({"random", "centre_prior", "average_box"})
-HIT_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5)
 
 
 def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
@@ -139,10 +138,6 @@ def collapse_boxes(
     return best.reset_index()
 
 
-def _kind_of(method: str) -> str:
-    return "baseline" if method in BASELINE_METHODS else "method"
-
-
 def aggregate_per_pathology(
     boxes_df: pd.DataFrame,
     by: Sequence[str] = ("pathology", "method"),
@@ -186,7 +181,7 @@ def aggregate_per_pathology(
         if "kind" in sub.columns and sub["kind"].notna().any():
             row["kind"] = str(sub["kind"].dropna().iloc[0])
         else:
-            row["kind"] = _kind_of(str(method))
+            row["kind"] = method_kind(str(method))
         iou = sub["iou"].to_numpy(dtype=np.float64)
         n = int(iou.size)
         row["n"] = n

@@ -32,6 +32,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from audit.metrics.maps import as_boxes, as_map, map_status
+from audit.metrics.pointing import checked_batch, pointing_game_distances
+from audit.protocol import DEFAULT_THRESHOLD, HIT_THRESHOLDS
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "HIT_THRESHOLDS",
@@ -54,58 +58,15 @@ __all__ = [
     "localization_table",
 ]
 
-DEFAULT_THRESHOLD = 0.15
-HIT_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5)
 #: 0.05, 0.10, ..., 0.95 (rounded to 2 decimals so that 0.15 is exactly the default).
 SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def as_boxes(boxes) -> np.ndarray:
-    """Validate boxes -> float64 ``[M, 4]`` (x, y, w, h). A single box may be given as ``[4]``.
-
-    Raises ``ValueError`` for non-finite values or a non-positive width/height.
-    """
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.ndim == 1 and b.shape[0] == 4:
-        b = b[None, :]
-    if b.size == 0:
-        return np.zeros((0, 4), dtype=np.float64)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [M, 4], got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError("boxes contain non-finite values")
-    if np.any(b[:, 2] <= 0) or np.any(b[:, 3] <= 0):
-        raise ValueError("boxes must have positive width and height")
-    return b
-
-
-def _as_map(saliency) -> np.ndarray:
-    m = np.asarray(saliency)
-    if m.ndim != 2:
-        raise ValueError(f"expected a 2-D map [H, W], got shape {m.shape}")
-    if m.size == 0:
-        raise ValueError("empty map array")
-    return m.astype(np.float64, copy=False)
-
-
-def map_status(saliency) -> str:
-    """``"nonfinite"`` | ``"empty"`` (no positive value) | ``"flat"`` (constant > 0) | ``"ok"``."""
-    m = _as_map(saliency)
-    if not np.all(np.isfinite(m)):
-        return "nonfinite"
-    top = m.max()
-    if top <= 0:
-        return "empty"
-    if m.min() == top:
-        return "flat"
-    return "ok"
-
-
 def normalized_positive(saliency) -> np.ndarray | None:
     """``max(map, 0) / max`` in [0, 1], or ``None`` when the map is not "ok" (see map_status)."""
-    m = _as_map(saliency)
+    m = as_map(saliency)
     if map_status(m) != "ok":
         return None
     pos = np.maximum(m, 0.0)
@@ -355,15 +316,7 @@ def localization_table(
     largest IoU of its map (ties: larger IoBB, lower box index). Aggregation collapses the rows
     of a finding with ``aggregation.collapse_boxes`` (max over boxes, pointing = any box).
     """
-    from audit.metrics.pointing import pointing_game_distances, pointing_tolerance_px
-
-    maps = np.asarray(maps)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be [N, H, W], got {maps.shape}")
-    if len(boxes_per_map) != maps.shape[0]:
-        raise ValueError("boxes_per_map must have one entry per map")
-    if tolerance_px is None:
-        tolerance_px = pointing_tolerance_px(maps.shape[2])
+    maps, tolerance_px = checked_batch(maps, boxes_per_map, tolerance_px)
     rows = []
     for i in range(maps.shape[0]):
         b = as_boxes(boxes_per_map[i])

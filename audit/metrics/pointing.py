@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from audit.metrics.localization import _as_map, as_boxes, map_status
+from audit.metrics.maps import as_boxes, as_map, map_status
+from audit.protocol import POINTING_TOLERANCE_AT_1024
 
 __all__ = [
     "POINTING_TOLERANCE_AT_1024",
@@ -41,7 +42,6 @@ __all__ = [
     "pointing_table",
 ]
 
-POINTING_TOLERANCE_AT_1024 = 15.0
 Ties = Literal["any", "first", "all"]
 
 
@@ -66,7 +66,7 @@ def max_pixel_centres(saliency) -> np.ndarray:
 
     Empty ``[0, 2]`` when the map is not "ok" (see ``localization.map_status``).
     """
-    m = _as_map(saliency)
+    m = as_map(saliency)
     if map_status(m) != "ok":
         return np.zeros((0, 2), dtype=np.float64)
     rows, cols = np.nonzero(m == m.max())  # row-major order = raster order
@@ -123,6 +123,20 @@ def pointing_game_hit(saliency, boxes, tolerance_px: float, ties: Ties = "any") 
     return bool(np.isfinite(d) and d <= tolerance_px)
 
 
+def checked_batch(maps, boxes_per_map: Sequence, tolerance_px: float | None
+                  ) -> tuple[np.ndarray, float]:
+    """``maps`` as ``[N, H, W]`` with one box list per map, and the pointing tolerance (default:
+    15 px at 1024 scaled to the maps' width)."""
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W], got {maps.shape}")
+    if len(boxes_per_map) != maps.shape[0]:
+        raise ValueError("boxes_per_map must have one entry per map")
+    if tolerance_px is None:
+        tolerance_px = pointing_tolerance_px(maps.shape[2])
+    return maps, float(tolerance_px)
+
+
 def pointing_table(
     maps,
     boxes_per_map: Sequence,
@@ -135,13 +149,7 @@ def pointing_table(
     ``tolerance_px`` defaults to ``pointing_tolerance_px(W)`` for maps ``[N, H, W]``.
     Maps whose box list is empty get ``hit = False`` and ``distance = nan``.
     """
-    maps = np.asarray(maps)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be [N, H, W], got {maps.shape}")
-    if len(boxes_per_map) != maps.shape[0]:
-        raise ValueError("boxes_per_map must have one entry per map")
-    if tolerance_px is None:
-        tolerance_px = pointing_tolerance_px(maps.shape[2])
+    maps, tolerance_px = checked_batch(maps, boxes_per_map, tolerance_px)
     rows = []
     for i in range(maps.shape[0]):
         pts = max_pixel_centres(maps[i])

@@ -199,6 +199,15 @@ def _total_params(net: nn.Module) -> int:
     return int(sum(p.numel() for p in net.parameters()))
 
 
+def _start(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, explain_fn: ExplainFn,
+           original_maps: np.ndarray | None) -> tuple[nn.Module, np.ndarray, int, list[dict]]:
+    """A working copy, the original maps, the parameter count and the step-0 rows."""
+    work = _working_copy(net)
+    orig = (np.asarray(original_maps, dtype=np.float64) if original_maps is not None
+            else _explain_np(explain_fn, work, x, targets))
+    return work, orig, _total_params(work), _rows(0, "", 0.0, orig, orig, targets)
+
+
 def cascading_randomization(
     net: nn.Module,
     x: torch.Tensor,
@@ -217,14 +226,7 @@ def cascading_randomization(
     ``image_index, target_index, target, spearman, spearman_abs, ssim, hog_similarity``.
     ``original_maps`` skips the first explanation when the caller already has it.
     """
-    work = _working_copy(net)
-    orig = (
-        np.asarray(original_maps, dtype=np.float64)
-        if original_maps is not None
-        else _explain_np(explain_fn, work, x, targets)
-    )
-    total = _total_params(work)
-    rows = _rows(0, "", 0.0, orig, orig, targets)
+    work, orig, total, rows = _start(net, x, targets, explain_fn, original_maps)
     done = 0
     for i, name in enumerate(blocks, start=1):
         done += randomize_module(
@@ -247,14 +249,7 @@ def independent_randomization(
 ) -> pd.DataFrame:
     """Randomize one block at a time (the rest keep the caller's values); same columns as
     ``cascading_randomization``, ``fraction_randomized`` is that block's share alone."""
-    work = _working_copy(net)
-    orig = (
-        np.asarray(original_maps, dtype=np.float64)
-        if original_maps is not None
-        else _explain_np(explain_fn, work, x, targets)
-    )
-    total = _total_params(work)
-    rows = _rows(0, "", 0.0, orig, orig, targets)
+    work, orig, total, rows = _start(net, x, targets, explain_fn, original_maps)
     for i, name in enumerate(blocks, start=1):
         module = work.get_submodule(name)
         saved = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -19,9 +19,11 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from audit.metrics.localization import DEFAULT_THRESHOLD, as_boxes, localization_scores
+from audit.metrics.localization import localization_scores
+from audit.metrics.maps import as_boxes
 from audit.metrics.pointing import pointing_game_hit, pointing_tolerance_px
 from audit.metrics.similarity import Normalization, spearman, ssim
+from audit.protocol import DEFAULT_THRESHOLD
 
 __all__ = [
     "determinism_max_abs_diff",

@@ -1,15 +1,14 @@
 """Localization galleries: thumbnails with the saliency map overlaid and the boxes drawn.
 
 Everything here reads only what a finished run directory holds (``thumbs/``, ``maps/``,
-``average_maps.npz``) and returns small inline images as ``data:`` URIs. Nothing is recomputed:
-the boxes, scores and maps are the run's own.
+``average_maps.npz``, named as ``audit.store.rundir`` names them) and returns small inline images
+as ``data:`` URIs. Nothing is recomputed: the boxes, scores and maps are the run's own.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from audit.store.files import float_or_nan
+from audit.store.rundir import SavedMaps, thumbnail_path
 
 GALLERY_SIZE = 192  # px, longest side of a gallery overlay
 TILE_SIZE = 160  # px, side of an average-map tile
@@ -91,39 +93,15 @@ def select_cases(boxes: pd.DataFrame, group_cols: tuple[str, ...] = ("finding", 
 # ---- thumbnails and maps --------------------------------------------------------------------
 
 
-def _safe_name(key: str) -> str:
-    return "".join(c if (c.isalnum() or c in "._-") else "_" for c in key)
-
-
-def find_thumbnail(thumbs_dir: Path, image_key: str) -> Path | None:
-    """The thumbnail of ``image_key`` under ``thumbs_dir`` (never a path outside it)."""
-    if thumbs_dir is None or not thumbs_dir.is_dir():
-        return None
-    names = []
-    for key in (image_key, _safe_name(image_key)):
-        stem = key.rsplit(".", 1)[0] if "." in key else key
-        names += [key, f"{key}.png", f"{key}.jpg", f"{stem}.png", f"{stem}.jpg"]
-    root = thumbs_dir.resolve()
-    for name in dict.fromkeys(names):
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            continue
-        p = thumbs_dir / name
-        if p.is_file() and p.resolve().parent == root:
-            return p
-    return None
-
-
 class OriginalSizes:
     """Original (width, height) of each image, for scaling original-frame boxes onto thumbnails.
 
-    Sources, first found wins: ``width``/``height`` columns of the boxes table,
-    ``thumbs/index.json`` ({image_key: {"width": .., "height": ..}}), the ``width``/``height``
-    columns of the dataset manifest named in run.json (only those columns are read), else the
-    NIH convention (the long side is 1024 px, aspect ratio from the thumbnail), flagged as assumed.
+    Sources: the ``width``/``height`` columns of the boxes table (the run writer records each
+    image's original size on every box row), else the NIH convention (the long side is 1024 px,
+    aspect ratio from the thumbnail), flagged as assumed.
     """
 
-    def __init__(self, boxes: pd.DataFrame | None, thumbs_dir: Path | None,
-                 manifest: Path | None = None):
+    def __init__(self, boxes: pd.DataFrame | None):
         self.sizes: dict[str, tuple[float, float]] = {}
         if boxes is not None and {"width", "height"} <= set(boxes.columns):
             for k, w, h in boxes[["image_key", "width", "height"]].drop_duplicates(
@@ -131,23 +109,6 @@ class OriginalSizes:
             ).itertuples(index=False):
                 if _finite(w) and _finite(h):
                     self.sizes[str(k)] = (float(w), float(h))
-        index = thumbs_dir / "index.json" if thumbs_dir is not None else None
-        if index is not None and index.is_file():
-            try:
-                for k, v in json.loads(index.read_text()).items():
-                    if isinstance(v, dict) and _finite(v.get("width")) and _finite(v.get("height")):
-                        self.sizes.setdefault(str(k), (float(v["width"]), float(v["height"])))
-            except (ValueError, OSError, AttributeError):
-                pass
-        if manifest is not None and manifest.suffix == ".csv" and manifest.is_file():
-            try:
-                cols = ["image_key", "width", "height"]
-                m = pd.read_csv(manifest, usecols=cols).drop_duplicates("image_key")
-                for k, w, h in m.itertuples(index=False):
-                    if _finite(w) and _finite(h):
-                        self.sizes.setdefault(str(k), (float(w), float(h)))
-            except (ValueError, OSError, KeyError):
-                pass
         self.assumed = False
 
     def get(self, key: str, thumb_size: tuple[int, int] | None) -> tuple[float, float]:
@@ -162,44 +123,7 @@ class OriginalSizes:
 
 
 def _finite(v) -> bool:
-    try:
-        return v is not None and math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
-
-
-class MapStore:
-    """Lazy access to ``maps/<method>.npz`` arrays keyed ``"<image_key>|<finding>"``."""
-
-    def __init__(self, maps_dir: Path | None):
-        self.maps_dir = maps_dir
-        self._open: dict[str, object] = {}
-
-    def available(self, method: str) -> bool:
-        return self.maps_dir is not None and (self.maps_dir / f"{method}.npz").is_file()
-
-    def get(self, method: str, image_key: str, findings: list[str]) -> np.ndarray | None:
-        if not self.available(method):
-            return None
-        if method not in self._open:
-            try:
-                self._open[method] = np.load(self.maps_dir / f"{method}.npz", allow_pickle=False)
-            except (OSError, ValueError):
-                self._open[method] = None
-        npz = self._open[method]
-        if npz is None:
-            return None
-        for f in findings:
-            k = f"{image_key}|{f}"
-            if k in npz.files:
-                return np.asarray(npz[k], dtype=np.float32)
-        return None
-
-    def close(self) -> None:
-        for npz in self._open.values():
-            if npz is not None:
-                npz.close()
-        self._open.clear()
+    return math.isfinite(float_or_nan(v))
 
 
 # ---- drawing --------------------------------------------------------------------------------
@@ -284,14 +208,14 @@ class GalleryItem:
 
 
 def gallery_items(
-    cases: pd.DataFrame, thumbs_dir: Path | None, maps: MapStore, sizes: OriginalSizes
+    cases: pd.DataFrame, thumbs_dir: Path | None, maps: SavedMaps, sizes: OriginalSizes
 ) -> list[GalleryItem]:
     items = []
     thumb_cache: dict[str, Image.Image | None] = {}
     for r in cases.to_dict("records"):
         key = str(r["image_key"])
         if key not in thumb_cache:
-            p = find_thumbnail(thumbs_dir, key) if thumbs_dir is not None else None
+            p = thumbnail_path(thumbs_dir, key)
             try:
                 thumb_cache[key] = Image.open(p).convert("L") if p is not None else None
             except OSError:
@@ -312,19 +236,12 @@ def gallery_items(
         items.append(GalleryItem(
             case=r["case"], image_key=key, finding=str(r["finding"]), method=str(r["method"]),
             src=encode_image(img, "JPEG"),
-            probability=_num(r.get("probability")), iou=_num(r.get("iou")),
-            iobb=_num(r.get("iobb")), pointing_hit=r.get("pointing_hit"),
+            probability=float_or_nan(r.get("probability")), iou=float_or_nan(r.get("iou")),
+            iobb=float_or_nan(r.get("iobb")), pointing_hit=r.get("pointing_hit"),
             has_map=heat is not None, has_thumb=thumb is not None,
-            box_index=int(_num(r.get("box_index")) if _finite(r.get("box_index")) else 0),
+            box_index=int(float_or_nan(r.get("box_index"))) if _finite(r.get("box_index")) else 0,
         ))
     return items
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # ---- average maps ---------------------------------------------------------------------------
@@ -341,13 +258,3 @@ def average_map_tile(arr: np.ndarray, expert: bool = False, size: int = TILE_SIZ
         return encode_image(img, "PNG")
     rgb, _ = heat_rgb(arr, (size, size))
     return encode_image(Image.fromarray(rgb, mode="RGB"), "JPEG", quality=85)
-
-
-def load_average_maps(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: np.asarray(npz[k]) for k in npz.files}
-    except (OSError, ValueError):
-        return {}

@@ -1,6 +1,6 @@
 """Report figures: matplotlib (Agg, no pyplot state) PNG ``data:`` URIs and inline SVG charts.
 
-Curve figures (randomization, deletion/insertion, repeatability) are matplotlib PNGs returned as
+Curve figures (randomization cascade, deletion/insertion) are matplotlib PNGs returned as
 ``data:`` URIs; the per-pathology charts (method comparison, IoU distribution) are small inline SVG
 built here directly (vector, a few kB, and no matplotlib cost per pathology), every text escaped.
 Each function returns ``None`` when there is nothing to draw. Nothing is recomputed beyond means
@@ -17,6 +17,8 @@ import pandas as pd
 from markupsafe import Markup, escape
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from audit.store.files import float_or_nan
 
 from .gallery import data_uri
 
@@ -46,13 +48,6 @@ def figure_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return data_uri(buf.getvalue(), "image/png")
-
-
-def _f(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # ---- per-pathology charts as inline SVG (vector, tiny, fast: no matplotlib per pathology) ----
@@ -137,11 +132,11 @@ def method_comparison_svg(
             colour = method_colour(str(r["method"]), i)
             yc = top + (i + 0.5) * SVG_ROW_H
             for col, lo, hi, dy, shape in series:
-                v = _f(r.get(col))
+                v = float_or_nan(r.get(col))
                 if not math.isfinite(v):
                     continue
                 y = round(yc + dy, 1)
-                vlo, vhi = _f(r.get(lo)), _f(r.get(hi))
+                vlo, vhi = float_or_nan(r.get(lo)), float_or_nan(r.get(hi))
                 if math.isfinite(vlo) and math.isfinite(vhi):
                     a, b = _x(vlo, x0, SVG_PANEL_W), _x(vhi, x0, SVG_PANEL_W)
                     parts.append(f'<path d="M{a} {y}H{b}M{a} {y - 3}v6M{b} {y - 3}v6" '
@@ -295,36 +290,6 @@ def randomization_cascade_plot(curves: pd.DataFrame, methods: list[str], labels:
     axes[0].set_ylabel("similarity to the trained model's map", fontsize=8)
     axes[0].legend(fontsize=7)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.16, top=0.9, wspace=0.08)
-    return figure_uri(fig)
-
-
-def randomization_independent_plot(
-    curves: pd.DataFrame, methods: list[str], labels: dict[str, str]
-):
-    """Independent randomization: similarity after randomizing one block at a time."""
-    c = curves[curves["family"] == "randomization_independent"]
-    if c.empty:
-        return None
-    metric = "spearman_abs" if "spearman_abs" in set(c["metric"]) else str(c["metric"].iloc[0])
-    c = c[c["metric"] == metric]
-    mc = _mean_curves(c, ["method", "step", "label"])
-    steps = mc[["step", "label"]].drop_duplicates("step").sort_values("step")
-    fig = _figure(max(6.0, 0.55 * len(steps) + 2), 3.4)
-    ax = fig.add_subplot(1, 1, 1)
-    for i, m in enumerate(methods):
-        d = mc[mc["method"] == m].sort_values("step")
-        if d.empty:
-            continue
-        ax.errorbar(d["step"], d["mean"], yerr=1.96 * d["sem"].fillna(0), fmt="-o", ms=3,
-                    capsize=2, color=method_colour(m, i), label=labels.get(m, m))
-    ax.set_xticks(steps["step"])
-    ax.set_xticklabels([str(s) for s in steps["label"]], rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel(f"{RANDOMIZATION_TITLES.get(metric, metric)}", fontsize=8)
-    ax.set_title("independent randomization (one block at a time)", fontsize=9)
-    ax.axhline(0, color="#999", lw=0.6)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.34, top=0.9)
     return figure_uri(fig)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from audit.protocol import BASELINE_NAMES, METHOD_NAMES, method_kind
 from audit.saliency.base import SaliencyMethod, SaliencyResult, as_target_matrix, check_images
 from audit.saliency.baselines import AverageBox, CentrePrior, RandomMap
 from audit.saliency.gradcam import GradCAM
@@ -35,8 +36,9 @@ METHODS: dict[str, type[SaliencyMethod]] = {
     cls.name: cls
     for cls in (GradCAM, GradCAMPlusPlus, IntegratedGradients, RandomMap, CentrePrior, AverageBox)
 }
-METHOD_NAMES: tuple[str, ...] = ("gradcam", "gradcampp", "integrated_gradients")
-BASELINE_NAMES: tuple[str, ...] = ("random", "centre_prior", "average_box")
+if set(METHODS) != set(METHOD_NAMES) | set(BASELINE_NAMES) or any(
+        METHODS[n].kind != method_kind(n) for n in METHODS):
+    raise ImportError("the saliency registry disagrees with audit.protocol's method names")
 
 
 def _own_options(cls: type[SaliencyMethod], options: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,10 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
+from audit.protocol import to_model_finding
 from audit.saliency.base import SaliencyMethod, SaliencyResult
 
 __all__ = [
@@ -34,9 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_AVERAGE_BOX_TABLE = Path(__file__).with_name("average_boxes_nih.json")
-
-_NIH_TO_MODEL = {"Infiltrate": "Infiltration"}
-
 
 def _seed_for(*parts: int) -> int:
     digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
@@ -114,20 +113,19 @@ def load_average_box_table(table: str | Path | dict | None = None) -> dict[str, 
     frame = table.get("frame", {"width": 1024, "height": 1024})
     boxes = {}
     for name, box in table["boxes"].items():
-        boxes[_NIH_TO_MODEL.get(name, name)] = {k: float(box[k]) for k in ("x", "y", "w", "h")}
+        boxes[to_model_finding(name)] = {k: float(box[k]) for k in ("x", "y", "w", "h")}
     return {**table, "frame": {"width": float(frame["width"]), "height": float(frame["height"])},
             "boxes": boxes}
 
 
 def box_indicator(box: tuple[float, float, float, float], height: int, width: int,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[H, W]`` float32: 1 where the pixel centre lies in the closed box ``(x, y, w, h)``."""
-    x, y, w, h = (float(v) for v in box)
-    cols = torch.arange(width, dtype=torch.float64) + 0.5
-    rows = torch.arange(height, dtype=torch.float64) + 0.5
-    in_x = (cols >= x) & (cols <= x + w)
-    in_y = (rows >= y) & (rows <= y + h)
-    return (in_y[:, None] & in_x[None, :]).float().to(device)
+    """``[H, W]`` float32: 1 where the pixel centre lies in the closed box ``(x, y, w, h)``
+    (`audit.data.preprocess.box_mask`)."""
+    from audit.data.preprocess import box_mask
+
+    mask = box_mask(np.asarray(box, dtype=np.float64), (int(height), int(width)))
+    return torch.from_numpy(mask).float().to(device)
 
 
 class AverageBox(SaliencyMethod):

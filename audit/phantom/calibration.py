@@ -18,7 +18,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from audit.metrics.aggregation import aggregate_per_pathology, wilson_interval
-from audit.store import load_run, read_table
+from audit.store.rundir import read_run_json as load_run
+from audit.store.rundir import read_table
 
 POSITION_VARYING = ("Mass", "Effusion", "Pneumothorax")
 SHORTCUT_FINDING = "Mass"

@@ -1,22 +1,12 @@
-"""Run directories and the run registry.
-
-A run directory is assembled under a temporary name and renamed into place when the run finishes,
-so a directory named after a run id is always complete; every file inside is written atomically
-(temp file, fsync, rename). A finished run directory is never modified.
-
-The registry is a real database (SQLite file by default, any SQLAlchemy URL such as PostgreSQL)
-with one row per run and one row per (run, pathology, method) aggregate.
+"""The run registry: one row per finished run and one per (run, pathology, method) aggregate,
+in a real database (a SQLite file by default, any SQLAlchemy URL such as PostgreSQL for a team).
+Only SQL lives here; the run directory is read through `audit.store.rundir`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,153 +28,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from audit.store.rundir import read_run_json, read_table
+
 REGISTRY_ENV = "CXR_AUDIT_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path("runs") / "registry.sqlite"
-RUN_JSON = "run.json"
-FINISHED_MARKER_STATUS = "finished"
 
-# The process umask, read once at import: mkstemp creates files 0600, and atomic writes should
-# leave files with the mode a plain open() would give them (0666 minus the umask).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic file writing
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def atomic_write_table(df: pd.DataFrame, path: Path) -> Path:
-    """Write a table as Parquet or CSV (by suffix) atomically."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import io
-
-        buffer = io.BytesIO()
-        df.to_parquet(buffer, index=False)
-        return atomic_write_bytes(path, buffer.getvalue())
-    if path.suffix == ".csv":
-        return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
-    raise ValueError(f"unsupported table format: {path.suffix}")
-
-
-# ---------------------------------------------------------------------------------------------
-# run directories
-
-
-class RunDirectoryError(RuntimeError):
-    """A run directory is missing, unfinished, or would be modified after it finished."""
-
-
-@dataclass
-class RunDirectory:
-    """A run being written: files go to `staging`, `finish()` renames it to `final`."""
-
-    run_id: str
-    root: Path
-
-    @property
-    def final(self) -> Path:
-        return self.root / self.run_id
-
-    @property
-    def staging(self) -> Path:
-        return self.root / f".{self.run_id}.partial"
-
-    @classmethod
-    def create(cls, root: Path, run_id: str) -> RunDirectory:
-        run = cls(run_id=run_id, root=Path(root))
-        if run.final.exists():
-            raise RunDirectoryError(f"run directory {run.final} already exists; runs are immutable")
-        if run.staging.exists():
-            shutil.rmtree(run.staging)
-        run.staging.mkdir(parents=True)
-        return run
-
-    def path(self, name: str) -> Path:
-        return self.staging / name
-
-    def write_table(self, df: pd.DataFrame, name: str) -> Path:
-        return atomic_write_table(df, self.path(name))
-
-    def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self.path(name), obj)
-
-    def finish(self) -> Path:
-        """Fsync the staging folder and rename it into place; the run is final afterwards."""
-        if self.final.exists():
-            raise RunDirectoryError(
-                f"run directory {self.final} already exists; runs are immutable")
-        fd = os.open(self.staging, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.staging, self.final)
-        return self.final
-
-
-def new_run_id(now: datetime | None = None, salt: str = "") -> str:
-    now = now or datetime.now(timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    tail = hashlib.sha256(f"{now.isoformat()}|{salt}|{os.getpid()}".encode()).hexdigest()[:6]
-    return f"run-{stamp}-{tail}"
-
-
-def load_run(run_dir: Path) -> dict[str, Any]:
-    """Read `run.json` of a finished run directory."""
-    run_json = Path(run_dir) / RUN_JSON
-    if not run_json.exists():
-        raise RunDirectoryError(f"{run_dir} is not a finished run directory (no {RUN_JSON})")
-    return json.loads(run_json.read_text())
-
-
-def read_table(run_dir: Path, name: str) -> pd.DataFrame | None:
-    """Read a result table of a run (`boxes`, `images`, `curves`, `per_pathology`, ...)."""
-    run_dir = Path(run_dir)
-    for suffix in (".parquet", ".csv"):
-        path = run_dir / f"{name}{suffix}"
-        if path.exists():
-            return pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# the registry
 
 _metadata = MetaData()
 
@@ -248,7 +96,7 @@ class Registry:
 
     def record_run(self, run_dir: Path) -> str:
         """Insert (or replace) the rows of one finished run directory."""
-        run = load_run(run_dir)
+        run = read_run_json(run_dir)
         per_pathology = read_table(run_dir, "per_pathology")
         run_id = run["run_id"]
         row = {
@@ -397,7 +245,3 @@ def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
-
-
-def files_sha256(paths: Iterable[Path]) -> dict[str, str]:
-    return {Path(p).name: sha256_file(Path(p)) for p in paths}

@@ -1,0 +1,245 @@
+"""What a run holds per pathology: which methods and pathologies it scored, the per_pathology
+table rows as cells, the acceptance verdicts, the published reference figures, the paired
+differences, the average-map panels and the per-pathology section of the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from audit.protocol import HIT_THRESHOLDS, method_kind
+from audit.store.files import float_or_nan
+from audit.store.rundir import RunData, SavedMaps, average_map_key, map_key
+
+from . import gallery as _gallery
+from . import plots as _plots
+from .format import THRESHOLDS, as_text, method_label, method_labels, num_cell, order_methods
+
+REFERENCE_FIGURES = Path(__file__).parent / "reference_figures.json"
+
+#: The per_pathology columns a table row shows (as written by audit/metrics/aggregation.py).
+TABLE_COLUMNS = (
+    ["n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median", "iou_median_lo",
+     "iou_median_hi", "iobb_mean", "pointing_rate", "pointing_lo", "pointing_hi"]
+    + [f"iobb_hit_{t}_rate" for t in THRESHOLDS]
+    + [f"iou_hit_{t}_rate" for t in THRESHOLDS]
+    + [f"{p}_{t}_{side}" for t in THRESHOLDS for p in ("iobb_hit", "iou_hit")
+       for side in ("lo", "hi")]
+)
+
+
+# ---- which methods and pathologies ------------------------------------------------------------
+
+
+def methods_of(data: RunData) -> tuple[list[str], dict[str, str]]:
+    """(the run's methods in report order, {method: kind} as per_pathology records it)."""
+    kinds: dict[str, str] = {}
+    seen: list[str] = []
+    if data.per_pathology is not None and "method" in data.per_pathology:
+        for r in data.per_pathology.to_dict("records"):
+            m = str(r["method"])
+            seen.append(m)
+            if as_text(r.get("kind")):
+                kinds.setdefault(m, as_text(r.get("kind")))
+    if data.boxes is not None and "method" in data.boxes:
+        seen += [str(m) for m in data.boxes["method"].unique()]
+    return order_methods(seen, kinds), kinds
+
+
+def pathology_names(data: RunData) -> tuple[list[str], list[str]]:
+    """(pathologies with a section, aggregate-only rows such as an 'all' row)."""
+    pp = data.per_pathology
+    pp_names = list(dict.fromkeys(pp["pathology"].astype(str))) if pp is not None and \
+        "pathology" in pp else []
+    if data.boxes is None or data.boxes.empty:
+        return pp_names, []
+    names = data.boxes[["finding", "model_finding", "pathology"]].astype(str)
+    found = set(names.to_numpy().ravel())
+    sections = [n for n in pp_names if n in found]
+    aggregate = [n for n in pp_names if n not in found]
+    covered = set(sections)
+    for rec in names.drop_duplicates().itertuples(index=False):
+        if not any(v in covered for v in rec):
+            sections.append(rec[0])
+            covered.add(rec[0])
+    return sections, aggregate
+
+
+def boxes_for(boxes: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
+    """The scored boxes of one pathology (the best-matching box per image)."""
+    if boxes is None or boxes.empty:
+        return None
+    sub = boxes[boxes[["finding", "model_finding", "pathology"]].astype(str).eq(name).any(axis=1)]
+    return sub[sub["best_match"].fillna(False).astype(bool)]
+
+
+# ---- table rows and verdicts ------------------------------------------------------------------
+
+
+def table_row(r: dict) -> dict:
+    """One per_pathology row as table cells keyed by the run's column names."""
+    cells = {c: num_cell(r.get(c), integer=(c == "n")) for c in TABLE_COLUMNS}
+    m = str(r.get("method"))
+    return {
+        "pathology": as_text(r.get("pathology")),
+        "method": m,
+        "label": method_label(m),
+        "kind": as_text(r.get("kind")) or method_kind(m),
+        "verdict": as_text(r.get("verdict")),
+        "criteria": as_text(r.get("criteria")),
+        "cells": cells,
+        "has_median_ci": cells["iou_median_lo"]["value"] != "nan",
+        "has_iobb_mean": cells["iobb_mean"]["value"] != "nan",
+    }
+
+
+def pathology_rows(pp: pd.DataFrame, name: str, methods: list[str]) -> list[dict]:
+    sub = pp[pp["pathology"].astype(str) == name]
+    by_method = {str(r["method"]): r for r in sub.to_dict("records")}
+    return [table_row(by_method[m]) for m in methods if m in by_method]
+
+
+def verdicts(pp: pd.DataFrame | None, methods: list[str] | None = None) -> dict:
+    """The PASS/FAIL rows of per_pathology, their counts and a pathology x method grid."""
+    rows = []
+    if pp is not None and not pp.empty and "verdict" in pp:
+        for r in pp.to_dict("records"):
+            v = as_text(r.get("verdict")).upper()
+            if v in ("PASS", "FAIL"):
+                rows.append({"pathology": as_text(r.get("pathology")),
+                             "method": str(r.get("method")),
+                             "label": method_label(str(r.get("method"))),
+                             "criteria": as_text(r.get("criteria")), "verdict": v})
+    n_fail = sum(r["verdict"] == "FAIL" for r in rows)
+    overall = "NO CRITERIA" if not rows else ("FAIL" if n_fail else "PASS")
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    grid_methods = [m for m in (methods or []) if m in present] + [
+        m for m in present if m not in (methods or [])]
+    by = {(r["pathology"], r["method"]): r for r in rows}
+    grid = [{"pathology": p, "cells": [by.get((p, m)) for m in grid_methods]}
+            for p in dict.fromkeys(r["pathology"] for r in rows)]
+    crits = {r["criteria"] for r in rows}
+    return {"rows": rows, "n": len(rows), "n_fail": n_fail, "n_pass": len(rows) - n_fail,
+            "overall": overall, "methods": grid_methods, "grid": grid,
+            "common_criterion": crits.pop() if len(crits) == 1 else ""}
+
+
+# ---- published reference figures --------------------------------------------------------------
+
+
+def load_reference_figures() -> dict:
+    try:
+        return json.loads(REFERENCE_FIGURES.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def reference_for(pathology: str, model_finding: str | None, ref: dict) -> dict | None:
+    values = ref.get("values", {})
+    aliases = ref.get("aliases", {})
+    candidates = (pathology, aliases.get(pathology), model_finding,
+                  aliases.get(model_finding or ""))
+    for name in candidates:
+        if name and name in values:
+            return {
+                "label": ref.get("short_label", "published"),
+                "name": name,
+                "thresholds": ref.get("thresholds", list(HIT_THRESHOLDS)),
+                "values": values[name],
+                "cells": {f"iobb_hit_{t}_rate": num_cell(v, 4)
+                          for t, v in zip(THRESHOLDS, values[name], strict=False)},
+            }
+    return None
+
+
+# ---- paired differences and average maps ------------------------------------------------------
+
+
+def paired_rows(paired: pd.DataFrame | None, names: list[str]) -> list[dict]:
+    """Rows of paired.csv (audit/metrics/aggregation.py ``paired_difference``) for a pathology."""
+    if paired is None or paired.empty or "pathology" not in paired:
+        return []
+    sub = paired[paired["pathology"].astype(str).isin(names)]
+    rows = []
+    for r in sub.to_dict("records"):
+        lo, hi = r.get("diff_lo"), r.get("diff_hi")
+        rows.append({
+            "a": method_label(str(r.get("method_a"))), "b": method_label(str(r.get("method_b"))),
+            "metric": as_text(r.get("metric")), "diff": num_cell(r.get("mean_diff")),
+            "lo": num_cell(lo), "hi": num_cell(hi),
+            "n": num_cell(r.get("n_pairs"), integer=True),
+            "p": num_cell(r.get("p_boot")),
+            "sig": (float_or_nan(lo) > 0 or float_or_nan(hi) < 0),
+        })
+    return rows
+
+
+def average_map_panel(avg: dict[str, np.ndarray], names: list[str], methods: list[str]) -> dict:
+    """The mean expert box and each method's mean map of the first of ``names`` recorded."""
+    expert = next((_gallery.average_map_tile(avg[average_map_key(n)], expert=True)
+                   for n in names if average_map_key(n) in avg), None)
+    tiles = []
+    for m in methods:
+        key = next((map_key(m, n) for n in names if map_key(m, n) in avg), None)
+        if key is not None:
+            tiles.append({"method": m, "label": method_label(m),
+                          "src": _gallery.average_map_tile(avg[key])})
+    return {"expert": expert, "tiles": tiles}
+
+
+# ---- one pathology's section ------------------------------------------------------------------
+
+
+def box_names(name: str, b: pd.DataFrame | None) -> tuple[str | None, list[str]]:
+    """(the model's finding name, every name the pathology goes by in the boxes)."""
+    if b is None:
+        return None, [name]
+    model_finding = str(b["model_finding"].iloc[0]) if not b.empty else None
+    names = [name, *map(str, b["finding"].unique()), *([model_finding] if model_finding else []),
+             *map(str, b["pathology"].unique())]
+    return model_finding, list(dict.fromkeys(names))
+
+
+def gallery_groups(b: pd.DataFrame, methods: list[str], thumbs_dir: Path | None,
+                   maps: SavedMaps, sizes: _gallery.OriginalSizes) -> list[dict]:
+    """Best / median / worst cases of each method."""
+    items = _gallery.gallery_items(_gallery.select_cases(b, ("method",)), thumbs_dir, maps, sizes)
+    groups = []
+    for m in methods:
+        its = [i for i in items if i.method == m]
+        if its:
+            groups.append({"method": m, "label": method_label(m), "cases": its,
+                           "has_maps": any(i.has_map for i in its),
+                           "has_thumbs": all(i.has_thumb for i in its)})
+    return groups
+
+
+def pathology_section(data: RunData, name: str, slug: str, rows: list[dict],
+                      b: pd.DataFrame | None, names: list[str], ref: dict | None,
+                      methods: list[str], kinds: dict[str, str], gallery=None) -> dict:
+    """The section of one pathology; ``gallery``: (thumbs_dir, SavedMaps, OriginalSizes) or None
+    for no gallery."""
+    has_boxes = b is not None and not b.empty
+    sec = {
+        "name": name, "slug": slug, "rows": rows, "reference": ref,
+        "n_boxes": int(b[["image_key", "box_index"]].drop_duplicates().shape[0])
+        if has_boxes else None,
+        "n_images": int(b["image_key"].nunique()) if has_boxes else None,
+        "paired": paired_rows(data.paired, names),
+    }
+    row_df = pd.DataFrame([
+        {"method": r["method"], **{c: float_or_nan(v["value"]) for c, v in r["cells"].items()}}
+        for r in rows])
+    labels = method_labels(methods)
+    sec["comparison_plot"] = _plots.method_comparison_svg(
+        row_df, labels, {r["method"]: r["kind"] for r in rows},
+        reference={"label": ref["label"], "thresholds": ref["thresholds"],
+                   "values": ref["values"]} if ref else None) if rows else None
+    sec["distribution_plot"] = _plots.iou_distribution_svg(
+        b, methods, labels, kinds) if b is not None else None
+    sec["average"] = average_map_panel(data.average_maps, names, methods)
+    sec["gallery"] = gallery_groups(b, methods, *gallery) if gallery and has_boxes else []
+    return sec

@@ -1,0 +1,84 @@
+"""The provenance a report may show: only whitelisted fields of ``run.json`` (nothing else from a
+run's metadata is ever rendered, and no DICOM header is ever read)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from audit.protocol import TARGET_LAYER_TEXT
+from audit.store.files import float_or_nan
+
+from .format import as_text, fmt
+
+RUN_FIELDS = ("run_id", "started_at", "finished_at", "status", "device", "git_commit", "host",
+              "target_layer")
+MODEL_FIELDS = ("name", "fingerprint", "checkpoint_sha256", "source", "seed", "published")
+DATASET_FIELDS = ("name", "manifest_path", "manifest_sha256", "n_images", "n_boxes", "images_dir")
+
+
+def sub(d: Any, key: str) -> dict:
+    """``d[key]`` when it is a dict, else an empty dict."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def _flatten(obj: Any, prefix: str = "", limit_list: int | None = None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            out.append((prefix, "{}"))
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k), limit_list)
+    elif isinstance(obj, list):
+        if limit_list is not None and len(obj) > limit_list:
+            shown = json.dumps(obj[:limit_list], default=str)[:-1]
+            out.append((prefix, f"{shown}, … ({len(obj)} items)]"))
+        else:
+            out.append((prefix, json.dumps(obj, default=str)))
+    else:
+        out.append((prefix, "null" if obj is None else str(obj)))
+    return out
+
+
+def _criterion_text(c: Any) -> str:
+    if isinstance(c, dict):
+        metric, op, value = c.get("metric"), c.get("op"), c.get("value")
+        head = f"{metric} {op} {value}" if metric is not None and op is not None else ""
+        rest = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("metric", "op", "value")
+                         or not head)
+        return f"{head} ({rest})" if head and rest else (head or rest)
+    return str(c)
+
+
+def _fields(d: dict, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(k, as_text(d.get(k))) for k in names if k in d]
+
+
+def provenance(run: dict) -> dict:
+    """Only the whitelisted provenance of run.json (nothing else is ever shown)."""
+    model, dataset = sub(run, "model"), sub(run, "dataset")
+    timings = sub(run, "timings")
+    timing_rows = [(str(k), fmt(v, 2)) for k, v in timings.items()]
+    total = sum(f for f in map(float_or_nan, timings.values()) if math.isfinite(f))
+    crit = run.get("acceptance_criteria") or []
+    if not isinstance(crit, list):
+        crit = [crit]
+    return {
+        "run": _fields(run, tuple(k for k in RUN_FIELDS if k != "target_layer")),
+        "run_values": {k: as_text(run.get(k)) for k in RUN_FIELDS},
+        "model": _fields(model, MODEL_FIELDS),
+        "model_values": {k: as_text(model.get(k)) for k in MODEL_FIELDS},
+        "dataset": _fields(dataset, DATASET_FIELDS),
+        "dataset_values": {k: as_text(dataset.get(k)) for k in DATASET_FIELDS},
+        "settings": _flatten(sub(run, "settings")),
+        "sampled": _flatten(sub(run, "sampled"), limit_list=20),
+        "versions": [(str(k), as_text(v)) for k, v in sub(run, "versions").items()],
+        "files": [(str(k), as_text(v)) for k, v in sub(run, "files").items()],
+        "timings": timing_rows,
+        "timings_total": fmt(total, 2) if timing_rows else "",
+        "criteria": [_criterion_text(c) for c in crit],
+        "target_layer": as_text(run.get("target_layer")) or TARGET_LAYER_TEXT,
+        "published": bool(model.get("published") is True),
+    }

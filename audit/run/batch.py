@@ -1,0 +1,211 @@
+"""Explain and score one batch of images into its result folder (`rundir.BATCH_FILES`).
+
+Box rows come from `audit.metrics.localization.localization_table` (the documented scoring:
+best box by IoU, then IoBB, then index; pointing tolerance by `pointing_tolerance_px`), with
+the box and predicted-box geometry put back into each image's original frame.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from audit.config import AuditSettings
+from audit.data.nih import to_model_finding
+from audit.metrics.localization import localization_table
+from audit.metrics.pointing import pointing_tolerance_px
+from audit.protocol import NIH_FRAME_PX
+from audit.run.costly import costly_metrics
+from audit.run.images import LoadedImage, load_batch_images, reject_row
+from audit.saliency import explain_all
+from audit.store.files import atomic_write_bytes, atomic_write_json, atomic_write_table, write_npz
+from audit.store.rundir import (
+    BOX_GEOMETRY,
+    REJECT_COLUMNS,
+    map_key,
+    saved_map_key,
+    thumbnail_name,
+)
+
+
+def label_findings(group: pd.DataFrame) -> list[str]:
+    """Model finding names of an image's NIH labels ("No Finding" dropped)."""
+    labels = group["labels"].dropna() if "labels" in group else pd.Series(dtype=object)
+    if not len(labels):
+        return []
+    names = [n for n in str(labels.iloc[0]).split("|") if n and n != "No Finding"]
+    return sorted({to_model_finding(n) for n in names})
+
+
+def pointing_tolerance_for(item: LoadedImage) -> float:
+    """15 px at the 1024 frame, in map pixels (the map covers the whole image)."""
+    return pointing_tolerance_px(item.pre.size, frame_size=NIH_FRAME_PX)
+
+
+@dataclass
+class BatchTables:
+    """The rows and map sums one batch collects."""
+
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    map_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    map_counts: dict[str, int] = field(default_factory=dict)
+    saved_maps: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add_to_average(self, method: str, finding: str, positive: np.ndarray) -> None:
+        key = map_key(method, finding)
+        top = positive.max()
+        unit = positive / top if top > 0 else positive
+        self.map_sums[key] = self.map_sums.get(key, 0) + unit.astype(np.float64)
+        self.map_counts[key] = self.map_counts.get(key, 0) + 1
+
+
+def image_targets(model: Any, group: pd.DataFrame, item: LoadedImage,
+                  rejects: list[dict[str, str]]) -> list[str]:
+    """An image's targets: the model findings of its boxes (of its labels when it has none);
+    findings the model does not predict become rejects rows."""
+    boxed = group.dropna(subset=["box_x"])
+    wanted = sorted(boxed["model_finding"].unique()) if len(boxed) else label_findings(group)
+    known = set(model.pathologies) - {""}
+    for name in wanted:
+        if name not in known:
+            rejects.append(reject_row(group["path"].iloc[0], item.key,
+                                      f"finding {name!r} is not an output of the model", name))
+    return [f for f in wanted if f in known]
+
+
+def prediction_rows(model: Any, group: pd.DataFrame, item: LoadedImage, logits: np.ndarray,
+                    probs: np.ndarray) -> list[dict[str, Any]]:
+    """One row per model output: logit, probability, and the label when the image has labels."""
+    labelled = set(label_findings(group)) | set(group["model_finding"].dropna())
+    has_labels = bool(group["labels"].notna().any()) if "labels" in group else False
+    return [{"image_key": item.key, "finding": name, "logit": float(logits[i]),
+             "probability": float(probs[i]),
+             "label": float(name in labelled) if has_labels or name in labelled else np.nan}
+            for i, name in enumerate(model.pathologies) if name]
+
+
+def box_rows(item: LoadedImage, finding: str, maps: dict[str, np.ndarray],
+             boxes: pd.DataFrame, probability: float, logit: float,
+             threshold: float) -> list[dict[str, Any]]:
+    """One row per (expert box, method) from `localization_table`, geometry in the original
+    frame. ``maps``: method -> non-negative map at model resolution; ``boxes``: the manifest rows
+    of this finding's boxes."""
+    methods = list(maps)
+    in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
+    table = localization_table(np.stack([maps[m] for m in methods]), [in_model] * len(methods),
+                               threshold=threshold, tolerance_px=pointing_tolerance_for(item))
+    pred = table[["pred_x", "pred_y", "pred_w", "pred_h"]].to_numpy(dtype=np.float64)
+    table[["pred_x", "pred_y", "pred_w", "pred_h"]] = item.pre.boxes_to_original(pred)
+    records = boxes.to_dict("records")
+    rows = []
+    for scored in table.to_dict("records"):
+        source = records[int(scored.pop("box_index"))]
+        method = methods[int(scored.pop("map_index"))]
+        for name in BOX_GEOMETRY:
+            scored[name] = float(source[name])
+        rows.append({"image_key": item.key, "sha256": source["sha256"],
+                     "finding": source["finding"], "model_finding": finding,
+                     "box_index": int(source["box_index"]), "width": item.width,
+                     "height": item.height, "method": method, "probability": probability,
+                     "logit": logit, **scored})
+    return rows
+
+
+def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: AuditSettings,
+                costly: Iterable[tuple[str, str]], out_dir: Path) -> Path:
+    """Explain and score one batch; write its folder atomically (staged, then renamed) and
+    return it."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "thumbs").mkdir(parents=True)
+    tables = BatchTables()
+    loaded, tables.rejects = load_batch_images(rows, images_root, settings.image_size)
+    for item in loaded:
+        atomic_write_bytes(staging / "thumbs" / thumbnail_name(item.key), item.thumb_png)
+    logits, probs = _predict(model, loaded)
+    costly_set = {tuple(p) for p in costly}
+    for index, item in enumerate(loaded):
+        group = rows[rows["image_key"] == item.key]
+        tables.predictions += prediction_rows(model, group, item, logits[index], probs[index])
+        targets = image_targets(model, group, item, tables.rejects)
+        if targets:
+            _explain_and_score(model, item, group, targets, logits[index], probs[index],
+                               costly_set, settings, tables)
+    _write_batch(staging, tables, settings.save_maps)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def _predict(model: Any, loaded: list[LoadedImage]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and probabilities of the batch's images from one forward."""
+    if not loaded:
+        empty = np.zeros((0, len(model.pathologies)))
+        return empty, empty
+    stacked = torch.stack([item.tensor for item in loaded]).to(model.device)
+    with torch.inference_mode():
+        logits = model.logits(stacked)
+        probs = model.probabilities_from_logits(logits)
+    return logits.float().cpu().numpy(), probs.float().cpu().numpy()
+
+
+def _explain_and_score(model: Any, item: LoadedImage, group: pd.DataFrame, targets: list[str],
+                       logits: np.ndarray, probs: np.ndarray, costly_set: set[tuple[str, str]],
+                       settings: AuditSettings, tables: BatchTables) -> None:
+    x = item.tensor.unsqueeze(0).to(model.device)
+    target_idx = torch.tensor([[model.finding_index(t) for t in targets]], device=model.device)
+    names = list(settings.methods) + list(settings.baselines)
+    results = explain_all(model, x, target_idx, names, **settings.saliency_options())
+    for k, finding in enumerate(targets):
+        out = model.finding_index(finding)
+        prob, logit = float(probs[out]), float(logits[out])
+        positive: dict[str, np.ndarray] = {}
+        for method in names:
+            saliency = results[method].maps[0, k].detach().float().cpu().numpy()
+            positive[method] = np.clip(saliency, 0, None)
+            tables.add_to_average(method, finding, positive[method])
+            if settings.save_maps:
+                key = map_key(method, saved_map_key(item.key, finding))
+                tables.saved_maps[key] = saliency.astype(np.float16)
+            extras = {n: float(v[0, k]) for n, v in results[method].extras.items()}
+            tables.images.append({"image_key": item.key, "finding": finding, "method": method,
+                                  "probability": prob, "logit": logit, **extras})
+        boxes = group[group["model_finding"] == finding].dropna(subset=["box_x"])
+        if len(boxes):
+            tables.boxes += box_rows(item, finding, positive, boxes, prob, logit,
+                                     settings.threshold)
+        if (item.key, finding) in costly_set:
+            in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
+            figures, curves = costly_metrics(model, item, finding, results, k, in_model,
+                                             pointing_tolerance_for(item), settings)
+            for row in tables.images:
+                if row["image_key"] == item.key and row["finding"] == finding:
+                    row.update(figures.get(row["method"], {}))
+            tables.curves += curves
+
+
+def _write_batch(staging: Path, tables: BatchTables, save_maps: bool) -> None:
+    frames = {"boxes": pd.DataFrame(tables.boxes), "images": pd.DataFrame(tables.images),
+              "curves": pd.DataFrame(tables.curves),
+              "predictions": pd.DataFrame(tables.predictions),
+              "rejects": pd.DataFrame(tables.rejects, columns=REJECT_COLUMNS)}
+    for name, frame in frames.items():
+        atomic_write_table(frame, staging / f"{name}.parquet")
+    write_npz(staging / "map_sums.npz", tables.map_sums)
+    atomic_write_json(staging / "map_counts.json", tables.map_counts)
+    if save_maps:
+        write_npz(staging / "maps.npz", tables.saved_maps)

@@ -1,0 +1,126 @@
+"""File primitives every writer of the project uses: sha256 of a file, atomic writes (temp file
+in the same folder, fsync, rename, fsync of the folder), compressed array bundles, and the
+float-or-NaN conversion used wherever a table cell becomes a number.
+
+A file written here gets the mode a plain ``open()`` would give it (0666 minus the umask), not
+the 0600 of the temporary file it was staged in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "sha256_file",
+    "sha256_bytes",
+    "files_sha256",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_table",
+    "write_npz",
+    "float_or_nan",
+]
+
+# The process umask, read once at import: mkstemp creates files 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_sha256(paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    """``{file name: sha256}`` for each path."""
+    return {Path(p).name: sha256_file(p) for p in paths}
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable where the platform allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the
+    folder. A reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Indented, key-sorted JSON with a final newline."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a table as Parquet or CSV (by suffix; CSV with ``\\n`` line ends, no index)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        buffer = io.BytesIO()
+        df.to_parquet(buffer, index=False)
+        return atomic_write_bytes(path, buffer.getvalue())
+    if path.suffix == ".csv":
+        return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    raise ValueError(f"unsupported table format: {path.suffix}")
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Path:
+    """A compressed ``.npz`` of named arrays, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def float_or_nan(value: Any) -> float:
+    """``float(value)``, or NaN for None, empty strings and anything not a number."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
