@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from audit.model import ModelLike
 from audit.protocol import BASELINE_NAMES, METHOD_NAMES, method_kind
 from audit.saliency.base import SaliencyMethod, SaliencyResult, as_target_matrix, check_images
 from audit.saliency.baselines import AverageBox, CentrePrior, RandomMap
@@ -66,7 +67,7 @@ def get_method(name: str, **options: Any) -> SaliencyMethod:
     return cls(**_own_options(cls, options))
 
 
-def explain_all(model, x: torch.Tensor, targets, method_names, **options: Any
+def explain_all(model: ModelLike, x: torch.Tensor, targets, method_names, **options: Any
                 ) -> dict[str, SaliencyResult]:
     """``{name: SaliencyResult}`` for each method; Grad-CAM and Grad-CAM++ with the same target
     layer settings share one forward (and, off the closed form, one backward)."""

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from audit.model import ModelLike
+
 __all__ = ["SaliencyResult", "SaliencyMethod", "as_target_matrix", "check_images"]
 
 
@@ -77,12 +79,13 @@ class SaliencyMethod:
                             f"known: {sorted(self.options)}")
         self.config: dict[str, Any] = {**self.options, **options}
 
-    def explain(self, model, x: torch.Tensor, targets) -> SaliencyResult:
+    def explain(self, model: ModelLike, x: torch.Tensor, targets) -> SaliencyResult:
         x = check_images(x).to(model.device)
         t = as_target_matrix(targets, x.shape[0], x.device)
         return self._explain(model, x, t)
 
-    def _explain(self, model, x: torch.Tensor, targets: torch.Tensor) -> SaliencyResult:
+    def _explain(self, model: ModelLike, x: torch.Tensor, targets: torch.Tensor
+                 ) -> SaliencyResult:
         raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
