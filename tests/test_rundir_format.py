@@ -62,6 +62,7 @@ def test_run_directory_readers_open_no_file_themselves(spec: str) -> None:
 def test_the_report_reads_the_run_through_read_run(tmp_path: Path, monkeypatch) -> None:
     from report_fixtures import build_run_dir
 
+    import audit.report.html
     from audit.report import render_report
 
     run = build_run_dir(tmp_path / "run", n_boxes=6, findings=["Mass"], with_curves=False)
@@ -72,7 +73,8 @@ def test_the_report_reads_the_run_through_read_run(tmp_path: Path, monkeypatch) 
         calls.append(Path(path))
         return original(path)
 
-    monkeypatch.setattr(rundir, "read_run", spy)
+    assert audit.report.html.read_run is rundir.read_run  # the report's reader is the format's
+    monkeypatch.setattr(audit.report.html, "read_run", spy)
     render_report(run, tmp_path / "out.html")
     assert calls and calls[0] == run
 

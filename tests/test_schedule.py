@@ -80,7 +80,7 @@ def _sync_client() -> Any:
 def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-image phantom set ingested into a manifest (in this process: no Prefect involved)."""
     from audit.data.manifest import ingest
-    from audit.phantom import write_phantom_dataset
+    from audit.phantom.dataset import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantom")
     dataset = write_phantom_dataset(root / "data", n_images=N_IMAGES, seed=0, n_dicom=0)

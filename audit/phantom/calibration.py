@@ -18,8 +18,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from audit.metrics.aggregation import aggregate_per_pathology, wilson_interval
+from audit.store.rundir import SavedMaps, read_table
 from audit.store.rundir import read_run_json as load_run
-from audit.store.rundir import read_table
 
 POSITION_VARYING = ("Mass", "Effusion", "Pneumothorax")
 SHORTCUT_FINDING = "Mass"
@@ -115,16 +115,10 @@ def marker_fraction(
     """
     from audit.metrics.pointing import pointing_game_hit
 
-    maps_file = Path(run_dir) / "maps" / f"{method}.npz"
-    if not maps_file.exists():
-        return 0, 0
     hits = total = 0
-    with np.load(maps_file) as maps:
-        for key in maps.files:
-            image_key, map_finding = key.rsplit("|", 1)
-            if map_finding != finding:
-                continue
-            saliency = maps[key].astype(np.float32)
+    for _image_key, map_finding, saved in SavedMaps(Path(run_dir) / "maps").all(method):
+        if map_finding == finding:
+            saliency = saved.astype(np.float32)
             scale = saliency.shape[-1] / 1024.0
             box = np.array([[v * scale for v in marker_box]])
             hits += int(pointing_game_hit(np.clip(saliency, 0, None), box, tolerance_px))

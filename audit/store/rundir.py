@@ -258,6 +258,13 @@ class SavedMaps:
                 return np.asarray(npz[k], dtype=np.float32)
         return None
 
+    def all(self, method: str) -> list[tuple[str, str, np.ndarray]]:
+        """Every saved map of ``method`` as ``(image_key, finding, map)`` (empty when none)."""
+        if not self.available(method):
+            return []
+        arrays = read_npz(self.maps_dir / f"{method}.npz")
+        return [(*key.rsplit("|", 1), value) for key, value in sorted(arrays.items())]
+
     def close(self) -> None:
         for npz in self._open.values():
             if npz is not None:
