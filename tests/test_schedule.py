@@ -221,7 +221,7 @@ def test_two_triggered_runs_complete_one_at_a_time_and_register(served: Served) 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.deployments import run_deployment
 
-    from audit.store import Registry
+    from audit.store.registry import Registry
 
     with served.server.settings(), _sync_client() as client:
         # As the scheduler would: Scheduled runs of the deployment, due now; serve starts them.
