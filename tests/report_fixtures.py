@@ -255,9 +255,10 @@ def build_run_dir(
         for rec in base.itertuples(index=False):
             iou = float(np.clip(rng.beta(1 + 6 * q, 6 * (1 - q) + 1), 0, 1))
             iobb = float(min(1.0, iou * rng.uniform(1.0, 2.2)))
+            coverage = float(min(1.0, 1.7 * iou))  # no draw: the seeded sequence is unchanged
             empty = rng.random() < 0.01
             if empty:
-                iou, iobb = 0.0, 0.0
+                iou, iobb, coverage = 0.0, 0.0, 0.0
                 pred = (math.nan,) * 4
             else:
                 pw = rec.box_w * rng.uniform(0.6, 1.6)
@@ -282,6 +283,7 @@ def build_run_dir(
                 logit=float(math.log(p / (1 - p))),
                 iou=iou,
                 iobb=iobb,
+                coverage=coverage,
                 pointing_hit=bool(rng.random() < min(0.98, q + 0.3)),
                 pred_x=pred[0],
                 pred_y=pred[1],
@@ -331,6 +333,7 @@ def build_run_dir(
                 iou_median_lo=med_lo,
                 iou_median_hi=med_hi,
                 iobb_mean=float(sub["iobb"].mean()) if n else math.nan,
+                coverage_mean=float(sub["coverage"].mean()) if n else math.nan,
                 pointing_rate=k / n if n else math.nan,
                 pointing_lo=plo,
                 pointing_hi=phi,

@@ -1,8 +1,9 @@
 """Metrics of the audit: pure functions over numpy arrays (maps ``[H, W]``, boxes ``[N, 4]`` in the
 map's frame), each with a batched wrapper. Definitions, ties and edge cases: docs/metrics.md.
 
-Modules: ``localization`` (largest-component box, IoU, IoBB), ``pointing`` (pointing game),
-``similarity`` (SSIM, Spearman, HOG), ``repeatability`` (determinism, test-retest, replicates),
+Modules: ``localization`` (largest-component box, IoU, IoBB, coverage), ``pointing`` (pointing
+game), ``similarity`` (SSIM, Spearman, HOG), ``repeatability`` (determinism, test-retest,
+replicates),
 ``randomization`` (Adebayo sanity checks; imports torch), ``fidelity`` (deletion/insertion;
 imports torch), ``aggregation`` (CIs, paired comparisons, acceptance criteria), ``sampling``.
 The torch-based modules are not imported here, so ``import audit.metrics`` stays light.
@@ -21,6 +22,7 @@ from audit.metrics.localization import (
     HIT_THRESHOLDS,
     SWEEP_THRESHOLDS,
     LocalizationResult,
+    box_coverage,
     box_iobb,
     box_iou,
     largest_component_box,
@@ -54,6 +56,7 @@ __all__ = [
     "LocalizationResult",
     "aggregate_per_pathology",
     "bootstrap_ci",
+    "box_coverage",
     "box_iobb",
     "box_iou",
     "collapse_boxes",

@@ -8,7 +8,7 @@ and acceptance criteria (PASS/FAIL).
   interpolation -- the same draws and quantiles as ``scipy.stats.bootstrap(...,
   method="percentile", rng=np.random.default_rng(seed))`` with ``n_resamples = n_boot``.
 * ``collapse_boxes``: an image with several boxes of one finding counts once (best match:
-  ``iou``, ``iobb`` = max over its boxes, hits = any box, pointing = any box).
+  ``iou``, ``iobb``, ``coverage`` = max over its boxes, hits = any box, pointing = any box).
 * ``aggregate_per_pathology``: the ``per_pathology`` table of docs/interfaces.md.
 * ``paired_difference``: paired bootstrap of ``metric(method_a) - metric(method_b)``.
 * ``evaluate_criteria``: ``verdict`` and ``criteria`` columns.
@@ -105,11 +105,11 @@ def collapse_boxes(
     boxes_df: pd.DataFrame,
     keys: Sequence[str] = ("image_key", "finding", "method"),
 ) -> pd.DataFrame:
-    """One row per ``keys`` group (an image's finding for a method): ``iou`` and ``iobb`` are
-    the max over the group's boxes, hit columns and ``pointing_hit`` are "any", ``n_boxes``
-    counts the boxes; other columns come from the best-IoU row (ties: larger IoBB, lower
-    ``box_index``). Groups of one row are unchanged (plus ``n_boxes``). All ``keys`` must be
-    columns (``KeyError`` otherwise)."""
+    """One row per ``keys`` group (an image's finding for a method): ``iou``, ``iobb`` and
+    ``coverage`` are the max over the group's boxes, hit columns and ``pointing_hit`` are "any",
+    ``n_boxes`` counts the boxes; other columns come from the best-IoU row (ties: larger IoBB,
+    lower ``box_index``). Groups of one row are unchanged (plus ``n_boxes``). All ``keys`` must
+    be columns (``KeyError`` otherwise)."""
     keys = list(keys)
     missing = [k for k in keys if k not in boxes_df.columns]
     if missing:
@@ -126,9 +126,7 @@ def collapse_boxes(
     ordered = boxes_df.sort_values(sort_cols, ascending=asc, kind="stable")
     g = ordered.groupby(keys, sort=False, dropna=False)
     best = g.head(1).set_index(keys)
-    agg = {"iou": "max"}
-    if "iobb" in boxes_df:
-        agg["iobb"] = "max"
+    agg = {c: "max" for c in ("iou", "iobb", "coverage") if c in boxes_df}
     for c in _hit_cols(boxes_df) + (["pointing_hit"] if "pointing_hit" in boxes_df else []):
         agg[c] = "any"
     red = g.agg(agg)
@@ -154,7 +152,8 @@ def aggregate_per_pathology(
     method) (``collapse_boxes``), so ``n`` counts image-finding pairs (without an ``image_key``
     column every row counts). Columns:
     ``pathology, method, kind, n, iou_mean, iou_mean_lo, iou_mean_hi, iou_median,
-    iou_median_lo, iou_median_hi, iobb_mean, pointing_rate, pointing_lo, pointing_hi``,
+    iou_median_lo, iou_median_hi, iobb_mean, coverage_mean, pointing_rate, pointing_lo,
+    pointing_hi``,
     for each T: ``iou_hit_T_rate, iou_hit_T_lo, iou_hit_T_hi`` and the same for ``iobb_hit``,
     then ``verdict`` ("") and ``criteria`` (""). Means/medians: percentile bootstrap (``n_boot``
     resamples, ``seed`` for every group, so a group's CI does not depend on the others);
@@ -191,7 +190,8 @@ def aggregate_per_pathology(
         row["iou_median_lo"], row["iou_median_hi"] = bootstrap_ci(
             iou, np.median, n_boot, seed, conf
         )
-        row["iobb_mean"] = float(sub["iobb"].mean()) if "iobb" in sub and n else np.nan
+        for col in ("iobb", "coverage"):
+            row[f"{col}_mean"] = float(sub[col].mean()) if col in sub and n else np.nan
         if "pointing_hit" in sub:
             k = int(sub["pointing_hit"].astype(bool).sum())
             row["pointing_rate"] = k / n if n else np.nan

@@ -23,7 +23,8 @@ REFERENCE_FIGURES = Path(__file__).parent / "reference_figures.json"
 #: The per_pathology columns a table row shows (as written by audit/metrics/aggregation.py).
 TABLE_COLUMNS = (
     ["n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median", "iou_median_lo",
-     "iou_median_hi", "iobb_mean", "pointing_rate", "pointing_lo", "pointing_hi"]
+     "iou_median_hi", "iobb_mean", "coverage_mean", "pointing_rate", "pointing_lo",
+     "pointing_hi"]
     + [f"iobb_hit_{t}_rate" for t in THRESHOLDS]
     + [f"iou_hit_{t}_rate" for t in THRESHOLDS]
     + [f"{p}_{t}_{side}" for t in THRESHOLDS for p in ("iobb_hit", "iou_hit")

@@ -77,14 +77,14 @@ HIT_COLUMNS = [f"{kind}_hit_{t:g}" for kind in ("iou", "iobb") for t in HIT_THRE
 BOX_COLUMNS = [
     "run_id", "image_key", "sha256", "finding", "model_finding", "pathology", "box_index",
     "width", "height", *BOX_GEOMETRY, "method", "probability", "logit", "status", "iou", "iobb",
-    "pointing_hit", "pointing_distance", "best_match", "pred_x", "pred_y", "pred_w", "pred_h",
-    *HIT_COLUMNS, "threshold",
+    "coverage", "pointing_hit", "pointing_distance", "best_match", "pred_x", "pred_y", "pred_w",
+    "pred_h", *HIT_COLUMNS, "threshold",
 ]
 
 #: Columns of ``per_pathology`` (one row per pathology and method).
 PER_PATHOLOGY_COLUMNS = [
     "pathology", "method", "kind", "n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median",
-    "pointing_rate", "pointing_lo", "pointing_hi",
+    "iobb_mean", "coverage_mean", "pointing_rate", "pointing_lo", "pointing_hi",
     *[f"{c}_rate" for c in HIT_COLUMNS], "verdict", "criteria",
 ]
 
