@@ -47,7 +47,9 @@ RUN_FILES: dict[str, str] = {
     "predictions.parquet": "one row per (image, model output): logit, probability, label",
     "per_pathology.csv": "one row per (pathology, method): PER_PATHOLOGY_COLUMNS",
     "per_pathology.json": "the same rows as a JSON list",
-    "paired.csv": "paired differences between methods and baselines per pathology",
+    "paired.csv": "paired differences between methods and baselines per pathology (method_a, "
+                  "method_b, metric, n_pairs, mean_diff, diff_lo, diff_hi, p_boot): what the "
+                  "baseline criteria are judged on",
     "rejects.csv": "REJECT_COLUMNS: inputs the run could not use, with the reason",
     "average_maps.npz": "mean normalized map per 'method|finding', expert box mask per "
                         "'expert|finding' (model resolution)",
@@ -85,7 +87,7 @@ BOX_COLUMNS = [
 PER_PATHOLOGY_COLUMNS = [
     "pathology", "method", "kind", "n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median",
     "iobb_mean", "coverage_mean", "pointing_rate", "pointing_lo", "pointing_hi",
-    *[f"{c}_rate" for c in HIT_COLUMNS], "verdict", "criteria",
+    *[f"{c}_rate" for c in HIT_COLUMNS], "verdict", "criteria", "n_needed", "n_needed_approx",
 ]
 
 REJECT_COLUMNS = ["path", "image_key", "finding", "reason"]
@@ -324,8 +326,12 @@ def format_markdown() -> str:
         lines.append(f"`{title}` columns: " + ", ".join(f"`{c}`" for c in cols) + ".")
         lines.append("")
     lines.append("Box geometry (`box_*`, `pred_*`) is in the image's original frame; `width`, "
-                 "`height` are that frame's size. `verdict` is PASS, FAIL or empty (no "
-                 "criterion applies).")
+                 "`height` are that frame's size. `iobb` is ChestX-ray8's IoBB (intersection "
+                 "over the predicted box); `coverage` is the intersection over the expert box. "
+                 "`verdict` is PASS, FAIL, INCONCLUSIVE or empty (no criterion applies); "
+                 "`criteria` gives each criterion's value, CI, n and verdict; `n_needed` is, for "
+                 "an INCONCLUSIVE row, the units that would make it decisive at the observed "
+                 "rate (`inf`: never), approximate when `n_needed_approx`.")
     return "\n".join(lines) + "\n"
 
 
