@@ -30,7 +30,7 @@ from PIL import Image
 
 from audit.metrics.criteria import evaluate_criteria
 from audit.protocol import DEFAULT_CRITERIA
-from audit.store.rundir import thumbnail_name
+from audit.store.rundir import table_records, thumbnail_name
 
 # NIH ChestX-ray14 box counts per finding (984 boxes in all).
 NIH_BOX_COUNTS = {
@@ -378,7 +378,7 @@ def build_run_dir(
     # ---- verdicts by the run's own rules (audit/metrics/criteria.py), default criteria ------
     per_pathology = evaluate_criteria(per_pathology, DEFAULT_CRITERIA, paired)
     per_pathology.to_csv(root / "per_pathology.csv", index=False)
-    records = json.loads(per_pathology.to_json(orient="records"))
+    records = table_records(per_pathology)
     (root / "per_pathology.json").write_text(json.dumps(records, indent=1))
 
     # ---- per image tables -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from audit.store.rundir import (
     average_map_key,
     read_npz,
     read_table,
+    table_records,
 )
 
 
@@ -144,7 +145,7 @@ def assemble_run(run: RunDirectory, batch_dirs: list[Path], ctx: RunContext) -> 
     for name in ("images", "curves", "predictions"):
         run.write_table(concat_batches(batch_dirs, name), f"{name}.parquet")
     run.write_table(per_pathology, "per_pathology.csv")
-    run.write_json("per_pathology.json", json.loads(per_pathology.to_json(orient="records")))
+    run.write_json("per_pathology.json", table_records(per_pathology))
     run.write_table(paired, "paired.csv")
     run.write_table(all_rejects(batch_dirs, ctx.manifest_csv), "rejects.csv")
     run.write_json(RUN_JSON, run_json(run, batch_dirs, ctx, n_scored=len(boxes)))

@@ -28,7 +28,8 @@ from audit.store.files import atomic_write_json, atomic_write_table, sha256_file
 __all__ = [
     "RUN_JSON", "RUN_FILES", "BATCH_FILES", "BOX_COLUMNS", "BOX_GEOMETRY", "PER_PATHOLOGY_COLUMNS",
     "REJECT_COLUMNS", "RunDirectoryError", "RunDirectory", "RunData", "new_run_id",
-    "read_run_json", "read_run", "read_table", "read_npz", "map_key", "average_map_key",
+    "read_run_json", "read_run", "read_table", "read_npz", "table_records", "map_key",
+    "average_map_key",
     "saved_map_key", "thumbnail_name", "format_markdown",
 ]
 
@@ -46,7 +47,7 @@ RUN_FILES: dict[str, str] = {
                       "metric, value (randomization cascade, deletion, insertion)",
     "predictions.parquet": "one row per (image, model output): logit, probability, label",
     "per_pathology.csv": "one row per (pathology, method): PER_PATHOLOGY_COLUMNS",
-    "per_pathology.json": "the same rows as a JSON list",
+    "per_pathology.json": "the same rows as a JSON list (NaN: null; inf: \"inf\")",
     "paired.csv": "paired differences between methods and baselines per pathology (method_a, "
                   "method_b, metric, n_pairs, mean_diff, diff_lo, diff_hi, p_boot): what the "
                   "baseline criteria are judged on",
@@ -91,6 +92,19 @@ PER_PATHOLOGY_COLUMNS = [
 ]
 
 REJECT_COLUMNS = ["path", "image_key", "finding", "reason"]
+
+
+def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a table as JSON-ready records (``per_pathology.json``): NaN becomes null and an
+    infinite number the string "inf" / "-inf" (``n_needed`` = inf means "never"), which strict
+    JSON cannot hold as a number."""
+    out = df.copy()
+    for col in out.select_dtypes(include="number").columns:
+        values = out[col]
+        if np.isinf(values).any():
+            out[col] = values.astype(object).where(~np.isinf(values),
+                                                   np.where(values > 0, "inf", "-inf"))
+    return json.loads(out.to_json(orient="records"))
 
 
 # ---- key formats ------------------------------------------------------------------------------
