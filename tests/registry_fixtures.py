@@ -6,9 +6,13 @@ tests/test_registry.py and tests/test_compare.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
+from audit.store.registry import Registry
 
 FP_A = "a" * 64  # model fingerprint of the audited model
 FP_OTHER = "b" * 64  # another model
@@ -113,14 +117,8 @@ ROWS_B = [
     row("Mass", "random", (0.11, 0.06, 0.16), (0.21, 0.11, 0.31), "", kind="baseline"),
     row("Pneumothorax", "gradcam", (0.15, 0.10, 0.20), (0.30, 0.20, 0.40), "FAIL"),  # only in B
 ]
-BOXES_A = [
-    *box_rows("Mass", "gradcam", BASE_IOU, BASE_HITS),
-    *box_rows("Mass", "gradcampp", BASE_IOU, BASE_HITS),
-    *box_rows("Nodule", "gradcam", BASE_IOU, BASE_HITS),
-    *box_rows("Atelectasis", "gradcam", BASE_IOU, BASE_HITS),
-    *box_rows("Mass", "random", BASE_IOU, BASE_HITS),
-    *box_rows("Effusion", "gradcam", BASE_IOU, BASE_HITS),
-]
+BOXES_A = [box for r in ROWS_A for box in box_rows(r["pathology"], r["method"], BASE_IOU,
+                                                   BASE_HITS)]
 BOXES_B = [
     # (1) every image's IoU 0.1 lower: the paired CI lies wholly below 0 -> regression
     *box_rows("Mass", "gradcam", shifted(BASE_IOU, -0.1), BASE_HITS),
@@ -162,6 +160,27 @@ def make_run_dirs(root: Path) -> dict[str, Path]:
         "other_manifest": make_run_dir(root, "run-other-manifest", T_OTHER_MANIFEST,
                                        other_model_rows, manifest_sha256=OTHER_MANIFEST),
     }
+
+
+def record(reg: Registry, run_dirs: dict[str, Path], names: tuple[str, ...]) -> Registry:
+    """``reg`` after recording the named run directories in that order."""
+    for name in names:
+        reg.record_run(run_dirs[name])
+    return reg
+
+
+@contextmanager
+def registries(url: str) -> Iterator[Callable[[], Registry]]:
+    """A factory of registries on ``url``, each disposed of afterwards."""
+    made: list[Registry] = []
+
+    def make() -> Registry:
+        made.append(Registry(url))
+        return made[-1]
+
+    yield make
+    for reg in made:
+        reg.engine.dispose()
 
 
 def by_key(table: pd.DataFrame) -> dict[tuple[str, str], dict]:

@@ -25,6 +25,8 @@ from registry_fixtures import (
     by_key,
     make_run_dir,
     make_run_dirs,
+    record,
+    registries,
     row,
 )
 
@@ -33,29 +35,19 @@ from audit.store.registry import Registry
 
 
 @pytest.fixture
-def make_registry(tmp_path):
-    made: list[Registry] = []
-
-    def make() -> Registry:
-        made.append(Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}"))
-        return made[-1]
-
-    yield make
-    for reg in made:
-        reg.engine.dispose()
-
-
-@pytest.fixture
 def run_dirs(tmp_path) -> dict[str, Path]:
     return make_run_dirs(tmp_path / "reports")
 
 
 @pytest.fixture
+def make_registry(tmp_path):  # the comparison does not depend on the backend: SQLite only
+    with registries(f"sqlite:///{tmp_path / 'registry.sqlite'}") as make:
+        yield make
+
+
+@pytest.fixture
 def recorded(make_registry, run_dirs) -> Registry:
-    reg = make_registry()
-    for name in ("U", "B", "A"):
-        reg.record_run(run_dirs[name])
-    return reg
+    return record(make_registry(), run_dirs, ("U", "B", "A"))
 
 
 def test_compare_flags_a_regression_only_when_the_paired_ci_is_below_zero(recorded):

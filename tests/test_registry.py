@@ -22,6 +22,8 @@ from registry_fixtures import (
     by_key,
     make_run_dir,
     make_run_dirs,
+    record,
+    registries,
     row,
 )
 from typer.testing import CliRunner
@@ -68,16 +70,8 @@ def db_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def make_registry(db_url):
-    made: list[Registry] = []
-
-    def make() -> Registry:
-        reg = Registry(db_url)
-        made.append(reg)
-        return reg
-
-    yield make
-    for reg in made:
-        reg.engine.dispose()
+    with registries(db_url) as make:
+        yield make
 
 
 @pytest.fixture
@@ -88,10 +82,7 @@ def run_dirs(tmp_path) -> dict[str, Path]:
 @pytest.fixture
 def recorded(make_registry, run_dirs) -> Registry:
     """A registry holding all the runs, recorded newest first (order must not matter)."""
-    reg = make_registry()
-    for name in ("U", "B", "other_manifest", "other_model", "A"):
-        reg.record_run(run_dirs[name])
-    return reg
+    return record(make_registry(), run_dirs, ("U", "B", "other_manifest", "other_model", "A"))
 
 
 
