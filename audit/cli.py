@@ -226,14 +226,18 @@ def compare(
     registry: Annotated[str | None, typer.Option(help="SQLite path or SQLAlchemy URL.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
-    """Per-pathology change from RUN_A to RUN_B, with CIs; exit 1 on a regression."""
+    """Per-pathology change from RUN_A to RUN_B: paired bootstrap of new - old on the boxes both
+    runs scored (mean IoU, pointing rate). Exit 1 on a regression: a paired difference whose 95%
+    CI lies wholly below 0; a CI that straddles 0 is "not enough evidence"."""
     from audit.store.registry import Registry
 
     try:
-        table = Registry(registry).compare(run_a, run_b)
+        table, notes = Registry(registry).compare(run_a, run_b)
     except KeyError as err:
         typer.echo(f"error: {err.args[0]}", err=True)
         raise typer.Exit(2) from err
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
     if as_json:
         typer.echo(table.to_json(orient="records", indent=2))
     else:
@@ -241,6 +245,7 @@ def compare(
     if table["regression"].any():
         typer.echo(f"{int(table['regression'].sum())} regression(s)", err=True)
         raise typer.Exit(1)
+    typer.echo("no regression: no paired difference has its 95% CI wholly below 0", err=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,6 +101,12 @@ class AuditSettings:
             raise ConfigError("give the data: --images DIR (with --bboxes CSV) or --manifest CSV")
         if self.runner not in ("default", "dask"):
             raise ConfigError("runner must be 'default' or 'dask'")
+        from audit.metrics.criteria import check_criteria
+
+        try:
+            self.acceptance = check_criteria(self.acceptance)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         return self
 
     def saliency_options(self) -> dict[str, Any]:

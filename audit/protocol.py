@@ -44,10 +44,53 @@ TARGET_LAYER_TEXT = "features.norm5 (rectified: ReLU(norm5) as pooled)"
 #: Where a model's weights came from (run.json ``model.source``, model provenance).
 MODEL_SOURCES: tuple[str, ...] = ("weights", "checkpoint", "random-init")
 
-#: The default acceptance criterion: pointing-game hit rate >= 0.5 for every pathology/method.
+# ---- acceptance criteria and verdicts (docs/metrics.md "Acceptance criteria") ----------------
+
+#: The three verdicts of a criterion (and of a pathology x method row, and of a run).
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
+VERDICTS: tuple[str, ...] = (PASS, FAIL, INCONCLUSIVE)
+#: One sentence each, shown as the report's legend.
+VERDICT_LEGEND: dict[str, str] = {
+    PASS: "The whole 95% confidence interval lies on the passing side of the criterion, so these "
+          "boxes show that it is met.",
+    FAIL: "The whole 95% confidence interval lies on the failing side of the criterion (for "
+          "“beats a baseline”: the paired difference's interval lies at or below 0), so these "
+          "boxes show that it is not met.",
+    INCONCLUSIVE: "The 95% confidence interval straddles the criterion, so these boxes cannot "
+                  "tell either way; “n needed” is the number of boxes that would decide it if "
+                  "the observed rate held.",
+}
+#: How a criterion reads its metric: ``ci`` judges the whole 95% CI (three verdicts); ``estimate``
+#: judges the point estimate alone (PASS/FAIL only), and is labelled "point estimate".
+CRITERION_USES: dict[str, str] = {"ci": "95% CI", "estimate": "point estimate"}
+DEFAULT_CRITERION_USE = "ci"
+#: Comparison operators of a criterion on a per_pathology metric (``==``/``!=``: estimate only).
+CRITERION_OPS: tuple[str, ...] = (">=", ">", "<=", "<", "==", "!=")
+#: The operator of a baseline criterion: the method beats ``baseline`` on the same boxes (paired
+#: difference method - baseline, its 95% CI above 0).
+BEATS = "beats"
+#: per_pathology metrics a criterion may name: rates with Wilson CIs, means/medians with
+#: bootstrap CIs, and means without a CI (``use = "estimate"`` only).
+RATE_METRICS: tuple[str, ...] = ("pointing_rate", *(
+    f"{family}_hit_{t:g}_rate" for family in ("iou", "iobb") for t in HIT_THRESHOLDS))
+BOOTSTRAP_METRICS: tuple[str, ...] = ("iou_mean", "iou_median")
+ESTIMATE_ONLY_METRICS: tuple[str, ...] = ("iobb_mean", "coverage_mean")
+#: Per-box metrics that a baseline criterion compares (paired.csv ``metric``).
+PAIRED_METRICS: tuple[str, ...] = ("iou", "iobb", "coverage", "pointing_hit")
+#: The search for "n needed" (the boxes that would make an inconclusive verdict decisive at the
+#: observed rate) stops here; beyond it the report says "never".
+N_NEEDED_CAP = 100_000
+
+#: The default acceptance criteria, for every pathology and method: the pointing-game hit rate is
+#: at least 0.5 by its 95% CI, and the method beats the centre prior and the average expert box
+#: on the pointing game, on the same boxes (paired difference, 95% CI).
 DEFAULT_CRITERIA: tuple[dict[str, Any], ...] = (
     {"pathology": "*", "method": "*", "metric": "pointing_rate", "op": ">=", "value": 0.5,
-     "use": "estimate"},
+     "use": "ci"},
+    {"pathology": "*", "method": "*", "metric": "pointing_hit", "op": BEATS,
+     "baseline": "centre_prior"},
+    {"pathology": "*", "method": "*", "metric": "pointing_hit", "op": BEATS,
+     "baseline": "average_box"},
 )
 
 

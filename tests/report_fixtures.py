@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.store.rundir import thumbnail_name
+from audit.metrics.criteria import evaluate_criteria
+from audit.protocol import DEFAULT_CRITERIA
+from audit.store.rundir import table_records, thumbnail_name
 
 # NIH ChestX-ray14 box counts per finding (984 boxes in all).
 NIH_BOX_COUNTS = {
@@ -255,9 +257,10 @@ def build_run_dir(
         for rec in base.itertuples(index=False):
             iou = float(np.clip(rng.beta(1 + 6 * q, 6 * (1 - q) + 1), 0, 1))
             iobb = float(min(1.0, iou * rng.uniform(1.0, 2.2)))
+            coverage = float(min(1.0, 1.7 * iou))  # no draw: the seeded sequence is unchanged
             empty = rng.random() < 0.01
             if empty:
-                iou, iobb = 0.0, 0.0
+                iou, iobb, coverage = 0.0, 0.0, 0.0
                 pred = (math.nan,) * 4
             else:
                 pw = rec.box_w * rng.uniform(0.6, 1.6)
@@ -282,6 +285,7 @@ def build_run_dir(
                 logit=float(math.log(p / (1 - p))),
                 iou=iou,
                 iobb=iobb,
+                coverage=coverage,
                 pointing_hit=bool(rng.random() < min(0.98, q + 0.3)),
                 pred_x=pred[0],
                 pred_y=pred[1],
@@ -331,6 +335,7 @@ def build_run_dir(
                 iou_median_lo=med_lo,
                 iou_median_hi=med_hi,
                 iobb_mean=float(sub["iobb"].mean()) if n else math.nan,
+                coverage_mean=float(sub["coverage"].mean()) if n else math.nan,
                 pointing_rate=k / n if n else math.nan,
                 pointing_lo=plo,
                 pointing_hi=phi,
@@ -342,34 +347,39 @@ def build_run_dir(
                     row[f"{prefix}_{t}_rate"] = kk / n if n else math.nan
                     row[f"{prefix}_{t}_lo"] = r_lo
                     row[f"{prefix}_{t}_hi"] = r_hi
-            if kind == "method":
-                row["verdict"] = "PASS" if row["pointing_rate"] >= 0.5 else "FAIL"
-                row["criteria"] = "pointing_rate >= 0.5"
-            else:
-                row["verdict"] = ""
-                row["criteria"] = ""
             agg_rows.append(row)
     per_pathology = pd.DataFrame(agg_rows)
-    per_pathology.to_csv(root / "per_pathology.csv", index=False)
-    records = json.loads(per_pathology.to_json(orient="records"))
-    (root / "per_pathology.json").write_text(json.dumps(records, indent=1))
 
     # ---- paired comparisons -----------------------------------------------------------------
+    paired = None
     if with_paired:
         prow = []
+
+        def pair(finding: str, a: str, b: str, metric: str, p_boot: float) -> dict:
+            sa = scored[(scored.finding == finding) & (scored.method == a)][metric]
+            sb = scored[(scored.finding == finding) & (scored.method == b)][metric]
+            ma, mb = float(sa.astype(float).mean()), float(sb.astype(float).mean())
+            d = ma - mb
+            return dict(pathology=model_finding(finding), method_a=a, method_b=b, metric=metric,
+                        n_pairs=len(sa), mean_a=ma, mean_b=mb, mean_diff=d, diff_lo=d - 0.08,
+                        diff_hi=d + 0.08, p_boot=p_boot)
+
         for finding in findings:
             for i, a in enumerate(methods):
                 for b in methods[i + 1 :] + baselines[:1]:
                     for metric in ("iou", "pointing_hit"):
-                        sa = scored[(scored.finding == finding) & (scored.method == a)][metric]
-                        sb = scored[(scored.finding == finding) & (scored.method == b)][metric]
-                        ma, mb = float(sa.astype(float).mean()), float(sb.astype(float).mean())
-                        d = ma - mb
-                        prow.append(dict(pathology=model_finding(finding), method_a=a,
-                                         method_b=b, metric=metric, n_pairs=len(sa),
-                                         mean_a=ma, mean_b=mb, mean_diff=d, diff_lo=d - 0.08,
-                                         diff_hi=d + 0.08, p_boot=float(rng.uniform(0, 0.2))))
-        pd.DataFrame(prow).to_csv(root / "paired.csv", index=False)
+                        prow.append(pair(finding, a, b, metric, float(rng.uniform(0, 0.2))))
+                for b in baselines[1:]:  # no draw: the seeded sequence is unchanged
+                    for metric in ("iou", "pointing_hit"):
+                        prow.append(pair(finding, a, b, metric, 0.05))
+        paired = pd.DataFrame(prow)
+        paired.to_csv(root / "paired.csv", index=False)
+
+    # ---- verdicts by the run's own rules (audit/metrics/criteria.py), default criteria ------
+    per_pathology = evaluate_criteria(per_pathology, DEFAULT_CRITERIA, paired)
+    per_pathology.to_csv(root / "per_pathology.csv", index=False)
+    records = table_records(per_pathology)
+    (root / "per_pathology.json").write_text(json.dumps(records, indent=1))
 
     # ---- per image tables -------------------------------------------------------------------
     pairs = list(dict.fromkeys(zip(base.image_key, base.finding, strict=True)))
@@ -517,10 +527,7 @@ def build_run_dir(
         "git_commit": "a8309e8" + "0" * 33,
         "host": "audit-host",
         "timings": {"ingest": 3.2, "explain": 812.5, "score": 120.25, "store": 1.5},
-        "acceptance_criteria": [
-            {"metric": "pointing_rate", "op": ">=", "value": 0.5, "methods": "methods",
-             "pathologies": "all"}
-        ],
+        "acceptance_criteria": [dict(c) for c in DEFAULT_CRITERIA],
         "target_layer": "features.norm5 (rectified: ReLU(norm5) as pooled)",
     }
     if run_json_extra:

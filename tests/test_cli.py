@@ -74,6 +74,7 @@ def test_run_with_the_shipped_config_parses(tmp_path: Path) -> None:
     settings = build_settings(load_config_file(path), {})
     assert settings.weights == "densenet121-res224-nih"
     assert settings.acceptance[0]["metric"] == "pointing_rate"
+    assert settings.acceptance[1]["op"] == "beats"
 
 
 def test_run_reports_unavailable_weights_as_one_clear_error(

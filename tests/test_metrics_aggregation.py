@@ -1,5 +1,6 @@
 """Aggregation: Wilson and bootstrap intervals vs references, per-pathology table, paired
-differences, acceptance criteria, stratified sampling."""
+differences (between methods and between runs), stratified sampling. Acceptance criteria:
+tests/test_metrics_criteria.py."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from statsmodels.stats.proportion import proportion_confint
 from audit.metrics.aggregation import (
     aggregate_per_pathology,
     bootstrap_ci,
-    ci_columns,
     collapse_boxes,
-    evaluate_criteria,
     paired_difference,
+    paired_run_difference,
+    wilson_bounds,
     wilson_interval,
 )
+from audit.metrics.criteria import ci_columns
 from audit.metrics.sampling import stratified_sample
 
 # ------------------------------------------------------------------ Wilson
@@ -31,6 +33,14 @@ def test_wilson_matches_statsmodels(k, n):
     np.testing.assert_allclose(wilson_interval(k, n), ref, rtol=0, atol=1e-12)
     ref90 = proportion_confint(k, n, alpha=0.10, method="wilson")
     np.testing.assert_allclose(wilson_interval(k, n, conf=0.90), ref90, rtol=0, atol=1e-12)
+
+
+def test_wilson_bounds_at_a_rate_equal_the_interval_at_integer_counts():
+    for k, n in ((3, 7), (0, 5), (5, 5), (38, 70)):
+        assert wilson_bounds(k / n, n) == wilson_interval(k, n)
+    # a fractional count: statsmodels computes the same formula
+    ref = proportion_confint(0.5429 * 300, 300, alpha=0.05, method="wilson")
+    np.testing.assert_allclose(wilson_bounds(0.5429, 300), ref, rtol=0, atol=1e-12)
 
 
 def test_wilson_hand_computed_values():
@@ -224,6 +234,29 @@ def test_paired_difference_of_a_constant_shift_is_exact():
     assert by["n_pairs"].tolist() == [5, 1]
 
 
+def test_paired_run_difference_pairs_only_units_both_runs_scored():
+    old = boxes_frame()
+    old["sha256"] = "h-" + old["image_key"]
+    new = old.copy()
+    new["iou"] = new["iou"] - 0.05  # every unit 0.05 worse
+    new = new[new.image_key != "c3"]  # one image only in the old run
+    extra = new[new.image_key == "c0"].assign(image_key="c9", sha256="h-c9")  # only in new
+    new = pd.concat([new, extra], ignore_index=True)
+    out = paired_run_difference(old, new, "iou", n_boot=300)
+    assert list(out.columns) == ["pathology", "method", "metric", "n_pairs", "mean_new",
+                                 "mean_old", "mean_diff", "diff_lo", "diff_hi", "p_boot"]
+    card = out[(out.pathology == "Cardiomegaly") & (out.method == "gradcam")].iloc[0]
+    assert card["n_pairs"] == 3  # c0, c1 (two boxes, best match), c2; not c3, not c9
+    assert card["mean_old"] == pytest.approx(np.mean([0.6, 0.3, 0.4]))
+    assert card["mean_diff"] == pytest.approx(-0.05)
+    assert (card["diff_lo"], card["diff_hi"]) == pytest.approx((-0.05, -0.05))
+    # the same image key holding another file is not the same unit
+    renamed = new.assign(sha256=new["sha256"].where(new.image_key != "c0", "other"))
+    again = paired_run_difference(old, renamed, "iou", n_boot=300)
+    assert again[(again.pathology == "Cardiomegaly")
+                 & (again.method == "gradcam")].iloc[0]["n_pairs"] == 2
+
+
 def test_paired_difference_identical_methods_is_zero_with_p_one():
     df = boxes_frame()
     twin = df[df.method == "gradcam"].copy()
@@ -239,54 +272,6 @@ def test_ci_columns():
     assert ci_columns("pointing_rate") == ("pointing_lo", "pointing_hi")
     assert ci_columns("iou_hit_0.5_rate") == ("iou_hit_0.5_lo", "iou_hit_0.5_hi")
     assert ci_columns("iou_mean") == ("iou_mean_lo", "iou_mean_hi")
-
-
-def test_evaluate_criteria_pass_fail_wildcards_and_baselines():
-    agg = aggregate_per_pathology(boxes_frame(), n_boot=200)
-    crit = [
-        {
-            "pathology": "Cardiomegaly",
-            "method": "*",
-            "metric": "pointing_rate",
-            "op": ">=",
-            "value": 0.5,
-        },
-        {
-            "pathology": "*",
-            "method": "gradcam",
-            "metric": "iou_mean",
-            "op": ">",
-            "value": 0.01,
-            "use": "ci_low",
-        },
-    ]
-    out = evaluate_criteria(agg, crit)
-    v = {(r.pathology, r.method): r.verdict for r in out.itertuples()}
-    assert v[("Cardiomegaly", "gradcam")] == "PASS"
-    assert v[("Cardiomegaly", "random")] == ""  # "*" does not judge baselines
-    assert v[("Nodule", "random")] == ""
-    # Nodule/gradcam: n = 1, iou_mean_lo = 0.05 > 0.01 -> PASS
-    assert v[("Nodule", "gradcam")] == "PASS"
-    text = out[(out.pathology == "Cardiomegaly") & (out.method == "gradcam")].criteria.iloc[0]
-    assert "pointing_rate >= 0.5 (estimate): 0.75 PASS" in text
-    assert "iou_mean > 0.01 (ci_low)" in text
-    strict = evaluate_criteria(
-        agg,
-        [
-            {
-                "pathology": "*",
-                "method": "random",
-                "metric": "pointing_rate",
-                "op": ">=",
-                "value": 0.5,
-            }
-        ],
-    )
-    assert set(strict[strict.method == "random"].verdict) == {"FAIL"}
-    missing = evaluate_criteria(agg, [{"metric": "no_such_column", "op": ">=", "value": 0}])
-    assert set(missing[missing.kind == "method"].verdict) == {"FAIL"}  # missing value fails
-    with pytest.raises(ValueError):
-        evaluate_criteria(agg, [{"metric": "iou_mean", "op": "~", "value": 0}])
 
 
 # ------------------------------------------------------------------ sampling

@@ -4,9 +4,11 @@ Mappings (docs/metrics.md "Cross-checks"):
 * Pointing game: box -> binary mask of the pixels whose centre lies in the closed box
   (interfaces.md rule); our hit at tolerance 0 == Quantus ``PointingGame`` (ties: any maximum
   on the mask) for maps with a positive maximum.
-* IoU: Quantus ``TopKIntersection`` with k = |B| (B = our thresholded largest component) gives
-  precision |B ∩ G| / |B|. When B is a rectangle whose pixels all outrank every other pixel,
-  our predicted box is B and IoU = I / (|B| + |G| - I), IoBB = I / |G| with I = TKI x |B|.
+* IoBB and IoU: Quantus ``TopKIntersection`` with k = |B| (B = our thresholded largest
+  component) gives the precision |B ∩ G| / |B|. When B is a rectangle whose pixels all outrank
+  every other pixel, our predicted box is B, so our IoBB (ChestX-ray8: intersection over the
+  predicted box) IS that precision, and with I = TKI x |B|: IoU = I / (|B| + |G| - I) and
+  coverage = I / |G|.
 * Deletion: Quantus ``PixelFlipping`` (features_in_step = 2% of the pixels, constant baseline)
   (``softmax=False``: the model's raw output for the target, the same callable as our
   ``predict_fn``) returns the curve after each step, i.e. our ``deletion[1:]`` with baseline
@@ -86,7 +88,7 @@ def test_pointing_game_matches_quantus_at_zero_tolerance():
     assert 0 < sum(ours) < 40  # both outcomes exercised
 
 
-def test_iou_derived_from_quantus_top_k_intersection():
+def test_iobb_equals_quantus_top_k_intersection_and_iou_derives_from_it():
     rng = np.random.default_rng(1)
     h = w = 32
     checked = 0
@@ -114,8 +116,9 @@ def test_iou_derived_from_quantus_top_k_intersection():
         g_area = gw * gh
         r = localization_scores(m, [gt])
         np.testing.assert_array_equal(r.pred_box, [c0, r0, bw, bh])
+        assert r.iobb == pytest.approx(tki, abs=1e-12)
         assert r.iou == pytest.approx(inter / (k + g_area - inter), abs=1e-12)
-        assert r.iobb == pytest.approx(inter / g_area, abs=1e-12)
+        assert r.coverage == pytest.approx(inter / g_area, abs=1e-12)
         checked += inter > 0
     assert checked >= 3  # overlapping cases were exercised
 

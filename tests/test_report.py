@@ -217,6 +217,38 @@ def test_headline_numbers_equal_per_pathology_csv(published_run, published_repor
     assert n_checked >= 11 * len(expected)
 
 
+def test_verdicts_are_three_valued_with_n_n_needed_and_a_legend(published_run,
+                                                               published_report):
+    from audit.metrics.criteria import format_n_needed
+    from audit.protocol import VERDICT_LEGEND
+
+    _, html = published_report
+    tb = parse(html)
+    (legend,) = tb.root.find_all("dl", id="verdict-legend")
+    sentences = {dd.attrs["data-verdict"]: dd.all_text() for dd in legend.find_all("dd")}
+    assert sentences == VERDICT_LEGEND  # one sentence each: PASS, FAIL, INCONCLUSIVE
+    pp = pd.read_csv(published_run / "per_pathology.csv")
+    assert {"FAIL", "INCONCLUSIVE"} <= set(pp["verdict"].dropna())  # 3-7 boxes a pathology
+    (table,) = tb.root.find_all("table", id="headline-table")
+    rows = {(tr.attrs["data-pathology"], tr.attrs["data-method"]): tr
+            for tr in table.find_all("tr") if tr.attrs.get("data-kind") == "method"}
+    for r in pp[pp["kind"] == "method"].to_dict("records"):
+        tr = rows[(r["pathology"], r["method"])]
+        (badge,) = [n for n in tr.iter() if "badge" in n.attrs.get("class", "")]
+        assert badge.attrs["class"] == f"badge {r['verdict'].lower()}"
+        (n_span,) = [n for n in tr.iter() if n.attrs.get("class") == "verdict-n"]
+        assert n_span.attrs["data-n"] == str(int(r["n"]))
+        want = format_n_needed(r["n_needed"], bool(r["n_needed_approx"])) \
+            if r["verdict"] == "INCONCLUSIVE" else ""
+        assert n_span.attrs["data-n-needed"] == want
+        assert (f"n needed {want}" in n_span.all_text()) == bool(want)
+    # INCONCLUSIVE is neutral, not green
+    css = re.search(r"\.badge\.inconclusive \{([^}]*)\}", html).group(1)
+    assert "var(--pass)" not in css and "#e3f4e8" not in css
+    (header,) = tb.root.find_all("p", **{"class": "overall"})
+    assert "inconclusive of" in header.all_text()
+
+
 def test_published_reference_figures_shown_with_source(published_report):
     _, html = published_report
     ref = json.loads(REFERENCE_JSON.read_text())["chestxray8_localization_iobb"]
@@ -232,6 +264,10 @@ def test_published_reference_figures_shown_with_source(published_report):
     assert ref["short_label"] in by_path["Mass"].all_text()
     assert "Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM" in html
     assert "not like-for-like" in html
+    # the paper's IoBB and the run's are the same quantity (over the detected box)
+    assert "The quantity is the same as this run&#39;s IoBB hit rates" in html
+    assert "divides by the expert box" not in html
+    assert "intersection over the area of the detected (predicted) box" in html
 
 
 def test_reference_figures_absent_for_unpublished_model(tmp_path):
@@ -476,8 +512,14 @@ def test_markdown_summary_is_short_and_exact(published_run):
     md = render_markdown_summary(published_run)
     pp = pd.read_csv(published_run / "per_pathology.csv")
     assert md.startswith("# Saliency audit: densenet121-res224-all on nih\\_bbox\\_synthetic")
-    overall = "FAIL" if (pp["verdict"] == "FAIL").any() else "PASS"
+    verdicts = pp["verdict"].fillna("")
+    overall = "FAIL" if (verdicts == "FAIL").any() else (
+        "INCONCLUSIVE" if (verdicts == "INCONCLUSIVE").any() else "PASS")
     assert f"**{overall}**" in md
+    n_inconclusive = int((verdicts == "INCONCLUSIVE").sum())
+    assert n_inconclusive and f"{n_inconclusive} inconclusive of" in md
+    for verdict in ("PASS", "FAIL", "INCONCLUSIVE"):
+        assert f"**{verdict}**: " in md  # the legend, one sentence each
     table_rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "Pathology" not in ln]
     assert len(table_rows) == len(pp)
     r = pp.iloc[0]

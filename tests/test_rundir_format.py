@@ -90,3 +90,14 @@ def test_box_and_per_pathology_columns_name_every_hit_threshold() -> None:
     for t in HIT_THRESHOLDS:
         assert f"iou_hit_{t:g}" in rundir.BOX_COLUMNS
         assert f"iobb_hit_{t:g}_rate" in rundir.PER_PATHOLOGY_COLUMNS
+
+
+def test_table_records_keep_never_as_inf_not_null() -> None:
+    import numpy as np
+    import pandas as pd
+
+    table = pd.DataFrame({"verdict": ["INCONCLUSIVE", "INCONCLUSIVE", "PASS"],
+                          "n_needed": [np.inf, 523.0, np.nan], "n_needed_approx": [False] * 3})
+    records = rundir.table_records(table)
+    assert [r["n_needed"] for r in records] == ["inf", 523.0, None]
+    assert records[0]["n_needed_approx"] is False

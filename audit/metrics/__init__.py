@@ -1,10 +1,11 @@
 """Metrics of the audit: pure functions over numpy arrays (maps ``[H, W]``, boxes ``[N, 4]`` in the
 map's frame), each with a batched wrapper. Definitions, ties and edge cases: docs/metrics.md.
 
-Modules: ``localization`` (largest-component box, IoU, IoBB), ``pointing`` (pointing game),
-``similarity`` (SSIM, Spearman, HOG), ``repeatability`` (determinism, test-retest, replicates),
-``randomization`` (Adebayo sanity checks; imports torch), ``fidelity`` (deletion/insertion;
-imports torch), ``aggregation`` (CIs, paired comparisons, acceptance criteria), ``sampling``.
+Modules: ``localization`` (largest-component box, IoU, IoBB, coverage), ``pointing`` (pointing
+game), ``similarity`` (SSIM, Spearman, HOG), ``repeatability`` (determinism, test-retest,
+replicates), ``randomization`` (Adebayo sanity checks; imports torch), ``fidelity``
+(deletion/insertion; imports torch), ``aggregation`` (CIs, paired comparisons), ``criteria``
+(acceptance criteria, three-valued verdicts), ``sampling``.
 The torch-based modules are not imported here, so ``import audit.metrics`` stays light.
 """
 
@@ -12,15 +13,17 @@ from audit.metrics.aggregation import (
     aggregate_per_pathology,
     bootstrap_ci,
     collapse_boxes,
-    evaluate_criteria,
     paired_difference,
+    paired_run_difference,
     wilson_interval,
 )
+from audit.metrics.criteria import evaluate_criteria, overall_verdict
 from audit.metrics.localization import (
     DEFAULT_THRESHOLD,
     HIT_THRESHOLDS,
     SWEEP_THRESHOLDS,
     LocalizationResult,
+    box_coverage,
     box_iobb,
     box_iou,
     largest_component_box,
@@ -54,6 +57,7 @@ __all__ = [
     "LocalizationResult",
     "aggregate_per_pathology",
     "bootstrap_ci",
+    "box_coverage",
     "box_iobb",
     "box_iou",
     "collapse_boxes",
@@ -68,7 +72,9 @@ __all__ = [
     "localize",
     "scores_against_boxes",
     "map_status",
+    "overall_verdict",
     "paired_difference",
+    "paired_run_difference",
     "pointing_game_distance",
     "pointing_game_hit",
     "pointing_table",

@@ -1,22 +1,22 @@
-"""Aggregation per (pathology, method) with confidence intervals, paired method comparisons,
-and acceptance criteria (PASS/FAIL).
+"""Aggregation per (pathology, method) with confidence intervals and paired comparisons (between
+methods of one run, and between two runs). Acceptance criteria live in ``criteria``.
 
 * ``wilson_interval``: Wilson score interval of a proportion (as statsmodels
-  ``proportion_confint(method="wilson")``).
+  ``proportion_confint(method="wilson")``); ``wilson_bounds`` the same at any observed rate.
 * ``bootstrap_ci``: percentile bootstrap with a seeded ``numpy.random.Generator``; the
   resamples are ``rng.integers(0, n, (n_boot, n))`` and the quantiles use linear
   interpolation -- the same draws and quantiles as ``scipy.stats.bootstrap(...,
   method="percentile", rng=np.random.default_rng(seed))`` with ``n_resamples = n_boot``.
 * ``collapse_boxes``: an image with several boxes of one finding counts once (best match:
-  ``iou``, ``iobb`` = max over its boxes, hits = any box, pointing = any box).
+  ``iou``, ``iobb``, ``coverage`` = max over its boxes, hits = any box, pointing = any box).
 * ``aggregate_per_pathology``: the ``per_pathology`` table of docs/interfaces.md.
 * ``paired_difference``: paired bootstrap of ``metric(method_a) - metric(method_b)``.
-* ``evaluate_criteria``: ``verdict`` and ``criteria`` columns.
+* ``paired_run_difference``: paired bootstrap of ``metric(new run) - metric(old run)`` on the
+  image-finding units both runs scored.
 """
 
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -33,11 +33,9 @@ __all__ = [
     "collapse_boxes",
     "aggregate_per_pathology",
     "paired_difference",
-    "ci_columns",
-    "evaluate_criteria",
+    "paired_run_difference",
+    "wilson_bounds",
 ]
-
-
 
 def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes in ``n`` trials; ``(nan, nan)`` when n = 0."""
@@ -45,13 +43,20 @@ def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return (float("nan"), float("nan"))
+    return wilson_bounds(k / n, n, conf)
+
+
+def wilson_bounds(rate: float, n: float, conf: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval at an observed ``rate`` in [0, 1] over ``n`` > 0 units (``rate * n``
+    need not be an integer: "the interval these boxes would give at this rate"). The bounds are
+    exactly 0 at rate 0 and 1 at rate 1."""
     z = float(norm.ppf(1 - (1 - conf) / 2))
-    p = k / n
+    p = float(rate)
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at the extremes
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    lo = 0.0 if p == 0 else max(0.0, centre - half)  # exact bounds at the extremes
+    hi = 1.0 if p == 1 else min(1.0, centre + half)
     return (float(lo), float(hi))
 
 
@@ -105,11 +110,11 @@ def collapse_boxes(
     boxes_df: pd.DataFrame,
     keys: Sequence[str] = ("image_key", "finding", "method"),
 ) -> pd.DataFrame:
-    """One row per ``keys`` group (an image's finding for a method): ``iou`` and ``iobb`` are
-    the max over the group's boxes, hit columns and ``pointing_hit`` are "any", ``n_boxes``
-    counts the boxes; other columns come from the best-IoU row (ties: larger IoBB, lower
-    ``box_index``). Groups of one row are unchanged (plus ``n_boxes``). All ``keys`` must be
-    columns (``KeyError`` otherwise)."""
+    """One row per ``keys`` group (an image's finding for a method): ``iou``, ``iobb`` and
+    ``coverage`` are the max over the group's boxes, hit columns and ``pointing_hit`` are "any",
+    ``n_boxes`` counts the boxes; other columns come from the best-IoU row (ties: larger IoBB,
+    lower ``box_index``). Groups of one row are unchanged (plus ``n_boxes``). All ``keys`` must
+    be columns (``KeyError`` otherwise)."""
     keys = list(keys)
     missing = [k for k in keys if k not in boxes_df.columns]
     if missing:
@@ -126,9 +131,7 @@ def collapse_boxes(
     ordered = boxes_df.sort_values(sort_cols, ascending=asc, kind="stable")
     g = ordered.groupby(keys, sort=False, dropna=False)
     best = g.head(1).set_index(keys)
-    agg = {"iou": "max"}
-    if "iobb" in boxes_df:
-        agg["iobb"] = "max"
+    agg = {c: "max" for c in ("iou", "iobb", "coverage") if c in boxes_df}
     for c in _hit_cols(boxes_df) + (["pointing_hit"] if "pointing_hit" in boxes_df else []):
         agg[c] = "any"
     red = g.agg(agg)
@@ -154,7 +157,8 @@ def aggregate_per_pathology(
     method) (``collapse_boxes``), so ``n`` counts image-finding pairs (without an ``image_key``
     column every row counts). Columns:
     ``pathology, method, kind, n, iou_mean, iou_mean_lo, iou_mean_hi, iou_median,
-    iou_median_lo, iou_median_hi, iobb_mean, pointing_rate, pointing_lo, pointing_hi``,
+    iou_median_lo, iou_median_hi, iobb_mean, coverage_mean, pointing_rate, pointing_lo,
+    pointing_hi``,
     for each T: ``iou_hit_T_rate, iou_hit_T_lo, iou_hit_T_hi`` and the same for ``iobb_hit``,
     then ``verdict`` ("") and ``criteria`` (""). Means/medians: percentile bootstrap (``n_boot``
     resamples, ``seed`` for every group, so a group's CI does not depend on the others);
@@ -191,7 +195,8 @@ def aggregate_per_pathology(
         row["iou_median_lo"], row["iou_median_hi"] = bootstrap_ci(
             iou, np.median, n_boot, seed, conf
         )
-        row["iobb_mean"] = float(sub["iobb"].mean()) if "iobb" in sub and n else np.nan
+        for col in ("iobb", "coverage"):
+            row[f"{col}_mean"] = float(sub[col].mean()) if col in sub and n else np.nan
         if "pointing_hit" in sub:
             k = int(sub["pointing_hit"].astype(bool).sum())
             row["pointing_rate"] = k / n if n else np.nan
@@ -244,15 +249,54 @@ def paired_difference(
     b = df[df["method"] == method_b].set_index(group_keys)[metric].astype(float)
     if not a.index.is_unique or not b.index.is_unique:
         raise ValueError(f"keys {keys} do not identify one row per method")
-    joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna().reset_index()
-    groups = [(None, joined)] if by is None else list(joined.groupby(by, sort=True))
+    head = {"method_a": method_a, "method_b": method_b, "metric": metric}
+    table = _paired_table(a, b, [by] if by else [], head, seed, n_boot, conf)
+    return table.rename(columns={"mean_x": "mean_a", "mean_y": "mean_b"})
+
+
+def paired_run_difference(
+    old_boxes: pd.DataFrame,
+    new_boxes: pd.DataFrame,
+    metric: str = "iou",
+    by: Sequence[str] = ("pathology", "method"),
+    seed: int = 0,
+    n_boot: int = 2000,
+    conf: float = 0.95,
+) -> pd.DataFrame:
+    """Paired bootstrap of ``mean(metric_new - metric_old)`` between two runs' ``boxes`` tables.
+
+    Each run's boxes are collapsed per (image_key, finding, method) as in the per-pathology
+    aggregate (best match); units are paired on (image_key, finding, method), plus ``sha256``
+    when both tables have it (the same image file), so only units both runs scored count.
+    ``finding`` stands in for a missing ``pathology`` column. One row per ``by`` group:
+    [by], ``metric, n_pairs, mean_old, mean_new, mean_diff, diff_lo, diff_hi, p_boot`` (as
+    ``paired_difference``, with new - old)."""
+    keys = ["image_key", "finding", "method"]
+    if "sha256" in old_boxes and "sha256" in new_boxes:
+        keys.append("sha256")
+    by = list(by)
+    series = []
+    for boxes in (old_boxes, new_boxes):
+        df = boxes if "pathology" in boxes else boxes.assign(pathology=boxes["finding"])
+        df = collapse_boxes(df, keys=keys)
+        series.append(df.set_index(keys + [c for c in by if c not in keys])[metric].astype(float))
+    table = _paired_table(series[1], series[0], by, {"metric": metric}, seed, n_boot, conf)
+    return table.rename(columns={"mean_x": "mean_new", "mean_y": "mean_old"})
+
+
+def _paired_table(x: pd.Series, y: pd.Series, by: list[str], head: dict, seed: int,
+                  n_boot: int, conf: float) -> pd.DataFrame:
+    """Rows of the paired bootstrap of ``mean(x - y)`` over the index values both series hold
+    (NaN pairs dropped), one per ``by`` group (one row when ``by`` is empty)."""
+    joined = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
+    groups = [((), joined)] if not by else list(joined.groupby(by, sort=True))
     rows = []
     for g, sub in groups:
-        d = (sub["a"] - sub["b"]).to_numpy()
-        row = {} if by is None else {by: g}
-        row.update(method_a=method_a, method_b=method_b, metric=metric, n_pairs=int(d.size))
-        row["mean_a"] = float(sub["a"].mean()) if d.size else np.nan
-        row["mean_b"] = float(sub["b"].mean()) if d.size else np.nan
+        d = (sub["x"] - sub["y"]).to_numpy()
+        row = dict(zip(by, g if isinstance(g, tuple) else (g,), strict=True))
+        row.update(head, n_pairs=int(d.size))
+        row["mean_x"] = float(sub["x"].mean()) if d.size else np.nan
+        row["mean_y"] = float(sub["y"].mean()) if d.size else np.nan
         row["mean_diff"] = float(d.mean()) if d.size else np.nan
         if d.size:
             dist = bootstrap_distribution(d, np.mean, n_boot, seed)
@@ -263,81 +307,6 @@ def paired_difference(
         else:
             row.update(diff_lo=np.nan, diff_hi=np.nan, p_boot=np.nan)
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-_OPS = {
-    ">=": operator.ge,
-    ">": operator.gt,
-    "<=": operator.le,
-    "<": operator.lt,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
-
-
-def ci_columns(metric: str) -> tuple[str, str]:
-    """The (lower, upper) CI column names of a ``per_pathology`` metric column.
-
-    ``pointing_rate -> (pointing_lo, pointing_hi)``; ``iou_hit_0.5_rate ->
-    (iou_hit_0.5_lo, iou_hit_0.5_hi)``; ``iou_mean -> (iou_mean_lo, iou_mean_hi)``.
-    """
-    if metric.endswith("_rate"):
-        stem = metric[: -len("_rate")]
-        return f"{stem}_lo", f"{stem}_hi"
-    return f"{metric}_lo", f"{metric}_hi"
-
-
-def _criterion_text(c: dict) -> str:
-    use = c.get("use", "estimate")
-    return f"{c['metric']} {c['op']} {c['value']:g} ({use})"
-
-
-def evaluate_criteria(per_pathology_df: pd.DataFrame, criteria: Sequence[dict]) -> pd.DataFrame:
-    """Add ``verdict`` ("PASS" | "FAIL" | "") and ``criteria`` (text) to a per_pathology table.
-
-    A criterion is ``{"pathology": name | "*", "method": name | "*", "metric": column,
-    "op": ">=" | ">" | "<=" | "<" | "==" | "!=", "value": float, "use": "estimate" | "ci_low" |
-    "ci_high"}`` (``use`` defaults to "estimate": the metric column itself; "ci_low"/"ci_high"
-    compare the CI bound, see ``ci_columns``). A "*" method matches rows of kind "method" only
-    (baselines are judged only by criteria that name them). A row passes when every criterion
-    that applies to it holds; a missing or NaN value fails. ``criteria`` text lists each applied
-    criterion with the observed value and its outcome, joined by "; ".
-    """
-    out = per_pathology_df.copy()
-    verdicts, texts = [], []
-    for _, row in out.iterrows():
-        applied = []
-        for c in criteria:
-            p, m = c.get("pathology", "*"), c.get("method", "*")
-            if p != "*" and p != row.get("pathology"):
-                continue
-            if m == "*":
-                if row.get("kind", "method") != "method":
-                    continue
-            elif m != row.get("method"):
-                continue
-            if c["op"] not in _OPS:
-                raise ValueError(f"unknown op {c['op']!r}")
-            use = c.get("use", "estimate")
-            if use == "estimate":
-                col = c["metric"]
-            elif use == "ci_low":
-                col = ci_columns(c["metric"])[0]
-            elif use == "ci_high":
-                col = ci_columns(c["metric"])[1]
-            else:
-                raise ValueError(f"unknown use {use!r}")
-            val = row.get(col, np.nan)
-            val = float(val) if val is not None and not pd.isna(val) else float("nan")
-            ok = bool(np.isfinite(val) and _OPS[c["op"]](val, float(c["value"])))
-            applied.append((ok, f"{_criterion_text(c)}: {val:.4g} {'PASS' if ok else 'FAIL'}"))
-        if not applied:
-            verdicts.append("")
-            texts.append("")
-        else:
-            verdicts.append("PASS" if all(a for a, _ in applied) else "FAIL")
-            texts.append("; ".join(t for _, t in applied))
-    out["verdict"] = verdicts
-    out["criteria"] = texts
-    return out
+    columns = [*by, *head, "n_pairs", "mean_x", "mean_y", "mean_diff", "diff_lo", "diff_hi",
+               "p_boot"]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,4 +1,5 @@
-"""Localization of a saliency map against expert boxes: largest-component box, IoU, IoBB.
+"""Localization of a saliency map against expert boxes: largest-component box, IoU, IoBB,
+coverage.
 
 Protocol (Grad-CAM paper / ChestX-ray8 style, see docs/metrics.md "Localization"):
 
@@ -10,17 +11,21 @@ Protocol (Grad-CAM paper / ChestX-ray8 style, see docs/metrics.md "Localization"
    pixel comes first in raster order (row-major, top-left first).
 4. Its bounding box in continuous coordinates (docs/interfaces.md): rows r0..r1 and columns
    c0..c1 give ``(x, y, w, h) = (c0, r0, c1 - c0 + 1, r1 - r0 + 1)``.
-5. IoU and IoBB (intersection over the ground-truth box's area) of that box with each expert
-   box, computed on the continuous rectangles (no rasterization).
+5. IoU, IoBB and coverage of that box P with each expert box G, computed on the continuous
+   rectangles (no rasterization): ``IoU = |P n G| / |P u G|``; ``IoBB = |P n G| / |P|``, the
+   intersection over the DETECTED (predicted) box's area exactly as ChestX-ray8 defines it
+   (Wang et al. 2017, "similar to Area of Precision or Purity"), so a box over the whole image
+   scores |G| / |image|, not 1; ``coverage = |P n G| / |G|``, the fraction of the expert box
+   the prediction covers (a different quantity, never called IoBB).
 
 Several boxes of the same finding: every metric takes its best value over the boxes
-(``iou = max_j IoU_j``, ``iobb = max_j IoBB_j`` -- possibly from different boxes), so a hit
-at T means "some expert box of this finding is matched at T". ``best_box_index`` is the box
-with the largest IoU (ties: larger IoBB, then lower index).
+(``iou = max_j IoU_j``, ``iobb = max_j IoBB_j``, ``coverage = max_j coverage_j`` -- possibly
+from different boxes), so a hit at T means "some expert box of this finding is matched at T".
+``best_box_index`` is the box with the largest IoU (ties: larger IoBB, then lower index).
 
 Uninformative maps -- every value <= 0 ("empty"), any non-finite value ("nonfinite"), or a
-constant positive map ("flat") -- have no predicted box: IoU = 0, IoBB = 0, no hit, and a
-pointing-game miss. ``status`` records which case applied ("ok" otherwise).
+constant positive map ("flat") -- have no predicted box: IoU = 0, IoBB = 0, coverage = 0, no
+hit, and a pointing-game miss. ``status`` records which case applied ("ok" otherwise).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ __all__ = [
     "box_intersection_area",
     "box_iou",
     "box_iobb",
+    "box_coverage",
     "PredictedBox",
     "localize",
     "scores_against_boxes",
@@ -135,16 +141,25 @@ def box_iou(box, boxes) -> np.ndarray:
     a = np.asarray(box, dtype=np.float64).reshape(4)
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     inter = box_intersection_area(a, b)
-    union = a[2] * a[3] + b[:, 2] * b[:, 3] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+    return _ratio(inter, a[2] * a[3] + b[:, 2] * b[:, 3] - inter)
 
 
 def box_iobb(pred_box, gt_boxes) -> np.ndarray:
-    """Intersection over the ground-truth box's area (ChestX-ray8 IoBB) -> ``[M]``."""
+    """ChestX-ray8 IoBB of one predicted box with each expert box -> ``[M]``: the intersection
+    over the area of the DETECTED (predicted) box (Wang et al. 2017), ``|P n G_j| / |P|``."""
+    p = np.asarray(pred_box, dtype=np.float64).reshape(4)
+    inter = box_intersection_area(p, gt_boxes)
+    return _ratio(inter, np.full_like(inter, p[2] * p[3]))
+
+
+def box_coverage(pred_box, gt_boxes) -> np.ndarray:
+    """Fraction of each expert box covered by the predicted box, ``|P n G_j| / |G_j|`` ->
+    ``[M]`` (intersection over the expert box's area; not ChestX-ray8's IoBB)."""
     b = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-    inter = box_intersection_area(pred_box, b)
-    area = b[:, 2] * b[:, 3]
+    return _ratio(box_intersection_area(pred_box, b), b[:, 2] * b[:, 3])
+
+
+def _ratio(inter: np.ndarray, area: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(area > 0, inter / area, 0.0)
 
@@ -153,9 +168,9 @@ def box_iobb(pred_box, gt_boxes) -> np.ndarray:
 class LocalizationResult:
     """Scores of one map against the boxes of one finding.
 
-    ``iou_per_box``/``iobb_per_box``: per expert box; ``iou``/``iobb``: best over the boxes;
-    ``hits``: ``{"iou_hit_0.1": bool, ..., "iobb_hit_0.5": bool}``; ``pred_box`` is ``None``
-    when the map is not "ok".
+    ``iou_per_box``/``iobb_per_box``/``coverage_per_box``: per expert box; ``iou``/``iobb``/
+    ``coverage``: best over the boxes; ``hits``: ``{"iou_hit_0.1": bool, ..., "iobb_hit_0.5":
+    bool}``; ``pred_box`` is ``None`` when the map is not "ok".
     """
 
     status: str
@@ -167,6 +182,14 @@ class LocalizationResult:
     iobb: float
     best_box_index: int
     hits: dict[str, bool] = field(default_factory=dict)
+    coverage_per_box: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    coverage: float = 0.0
+
+    def box_scores(self, j: int, hit_thresholds: Sequence[float] = HIT_THRESHOLDS) -> dict:
+        """``{"iou", "iobb", "coverage", hits...}`` of expert box ``j`` alone."""
+        iou_j, iobb_j = float(self.iou_per_box[j]), float(self.iobb_per_box[j])
+        return {"iou": iou_j, "iobb": iobb_j, "coverage": float(self.coverage_per_box[j]),
+                **_hit_dict(iou_j, iobb_j, hit_thresholds)}
 
 
 def _hit_dict(iou: float, iobb: float, hit_thresholds: Sequence[float]) -> dict[str, bool]:
@@ -194,11 +217,11 @@ def _score(
     hit_thresholds: Sequence[float],
 ) -> LocalizationResult:
     if pred_box is None or boxes.shape[0] == 0:
-        iou_b = np.zeros(boxes.shape[0])
-        iobb_b = np.zeros(boxes.shape[0])
+        iou_b = iobb_b = cov_b = np.zeros(boxes.shape[0])
     else:
         iou_b = box_iou(pred_box, boxes)
         iobb_b = box_iobb(pred_box, boxes)
+        cov_b = box_coverage(pred_box, boxes)
     iou = float(iou_b.max()) if iou_b.size else 0.0
     iobb = float(iobb_b.max()) if iobb_b.size else 0.0
     return LocalizationResult(
@@ -211,6 +234,8 @@ def _score(
         iobb=iobb,
         best_box_index=_best_index(iou_b, iobb_b),
         hits=_hit_dict(iou, iobb, hit_thresholds),
+        coverage_per_box=cov_b,
+        coverage=float(cov_b.max()) if cov_b.size else 0.0,
     )
 
 
@@ -236,15 +261,11 @@ def scores_against_boxes(
     boxes,
     hit_thresholds: Sequence[float] = HIT_THRESHOLDS,
 ) -> list[dict]:
-    """Per expert box: ``{"iou", "iobb", "iou_hit_T"..., "iobb_hit_T"...}`` (zeros and no hits
-    when there is no predicted box)."""
+    """Per expert box: ``{"iou", "iobb", "coverage", "iou_hit_T"..., "iobb_hit_T"...}`` (zeros
+    and no hits when there is no predicted box)."""
     b = as_boxes(boxes)
     r = _score(predicted.box, b, predicted.status, predicted.threshold, hit_thresholds)
-    out = []
-    for j in range(b.shape[0]):
-        iou_j, iobb_j = float(r.iou_per_box[j]), float(r.iobb_per_box[j])
-        out.append({"iou": iou_j, "iobb": iobb_j, **_hit_dict(iou_j, iobb_j, hit_thresholds)})
-    return out
+    return [r.box_scores(j, hit_thresholds) for j in range(b.shape[0])]
 
 
 def localization_scores(
@@ -254,7 +275,7 @@ def localization_scores(
     hit_thresholds: Sequence[float] = HIT_THRESHOLDS,
 ) -> LocalizationResult:
     """Score one map ``[H, W]`` against the expert boxes ``[M, 4]`` (map frame) of one finding:
-    per-box IoU/IoBB, their best values over the boxes, hits and ``best_box_index``."""
+    per-box IoU/IoBB/coverage, their best values over the boxes, hits and ``best_box_index``."""
     pred = localize(saliency, threshold)
     return _score(pred.box, as_boxes(boxes), pred.status, threshold, hit_thresholds)
 
@@ -266,7 +287,7 @@ def localization_sweep(
     hit_thresholds: Sequence[float] = HIT_THRESHOLDS,
 ) -> pd.DataFrame:
     """One row per threshold: ``threshold, status, pred_x, pred_y, pred_w, pred_h, pred_area,
-    iou, iobb, best_box_index`` and the hit columns."""
+    iou, iobb, coverage, best_box_index`` and the hit columns."""
     b = as_boxes(boxes)
     status = map_status(saliency)
     norm = normalized_positive(saliency) if status == "ok" else None
@@ -290,6 +311,7 @@ def _row_of(r: LocalizationResult) -> dict:
         "pred_area": float(p[2] * p[3]) if r.pred_box is not None else 0.0,
         "iou": r.iou,
         "iobb": r.iobb,
+        "coverage": r.coverage,
         "best_box_index": r.best_box_index,
     }
     row.update(r.hits)
@@ -310,11 +332,11 @@ def localization_table(
     15 px at 1024 scaled to the map's width (``pointing_tolerance_px``).
 
     Columns: ``map_index, box_index, box_x, box_y, box_w, box_h, status, threshold, pred_x,
-    pred_y, pred_w, pred_h, iou, iobb, iou_hit_T..., iobb_hit_T..., pointing_hit,
-    pointing_distance, best_match``. Per row, ``iou``/``iobb``/hits refer to that one box;
-    ``pointing_hit`` to that one box (within tolerance). ``best_match`` marks the row with the
-    largest IoU of its map (ties: larger IoBB, lower box index). Aggregation collapses the rows
-    of a finding with ``aggregation.collapse_boxes`` (max over boxes, pointing = any box).
+    pred_y, pred_w, pred_h, iou, iobb, coverage, iou_hit_T..., iobb_hit_T..., pointing_hit,
+    pointing_distance, best_match``. Per row, ``iou``/``iobb``/``coverage``/hits and
+    ``pointing_hit`` (within tolerance) refer to that one box. ``best_match`` marks the row with
+    the largest IoU of its map (ties: larger IoBB, lower box index). Aggregation collapses the
+    rows of a finding with ``aggregation.collapse_boxes`` (max over boxes, pointing = any box).
     """
     maps, tolerance_px = checked_batch(maps, boxes_per_map, tolerance_px)
     rows = []
@@ -326,8 +348,6 @@ def localization_table(
         dist = pointing_game_distances(maps[i], b)
         p = r.pred_box if r.pred_box is not None else np.full(4, np.nan)
         for j in range(b.shape[0]):
-            iou_j = float(r.iou_per_box[j])
-            iobb_j = float(r.iobb_per_box[j])
             row = {
                 "map_index": i,
                 "box_index": j,
@@ -341,10 +361,8 @@ def localization_table(
                 "pred_y": p[1],
                 "pred_w": p[2],
                 "pred_h": p[3],
-                "iou": iou_j,
-                "iobb": iobb_j,
+                **r.box_scores(j, hit_thresholds),
             }
-            row.update(_hit_dict(iou_j, iobb_j, hit_thresholds))
             row["pointing_hit"] = bool(np.isfinite(dist[j]) and dist[j] <= tolerance_px)
             row["pointing_distance"] = float(dist[j])
             row["best_match"] = j == r.best_box_index

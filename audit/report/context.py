@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from audit.protocol import N_NEEDED_CAP, VERDICT_LEGEND
 from audit.store.rundir import RunData, SavedMaps
 
 from . import gallery as _gallery
@@ -94,6 +95,8 @@ def build_context(data: RunData, previous_run_dir: Path | None = None,
         "kinds": kinds,
         "method_labels": method_labels(methods),
         "verdicts": verdicts(pp, methods),
+        "verdict_legend": VERDICT_LEGEND,
+        "n_needed_cap": N_NEEDED_CAP,
         "headline": headline,
         "has_per_pathology": pp is not None and not pp.empty,
         "pathologies": pathologies,

@@ -20,7 +20,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from audit.store.files import atomic_write_text
-from audit.store.rundir import read_run
+from audit.store.rundir import read_run, table_records
 
 from .context import build_context
 from .format import fmt, method_label
@@ -95,7 +95,7 @@ def resolve_output(run_dirs: list[Path], out_html: Path | None) -> tuple[Path, b
 
 
 def _table_records(pp: pd.DataFrame) -> str:
-    return json.dumps(json.loads(pp.to_json(orient="records")), indent=1)
+    return json.dumps(table_records(pp), indent=1)
 
 
 def render_report(

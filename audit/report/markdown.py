@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from audit.protocol import FAIL, VERDICT_LEGEND
 from audit.store.files import float_or_nan
 from audit.store.rundir import RunData, read_run
 
 from .format import as_text, fmt, method_label, num_cell
-from .pathology import methods_of, verdicts
+from .pathology import methods_of, table_row, verdicts
 from .provenance import provenance
 
 
@@ -41,8 +42,8 @@ def markdown_summary(data: RunData) -> str:
         f"`{_md(mv['fingerprint'][:16])}…`",
         f"- Dataset: {_md(dv['name'])}, {_md(dv['n_images'])} images, {_md(dv['n_boxes'])} "
         f"boxes, manifest sha256 `{_md(dv['manifest_sha256'][:16])}…`",
-        f"- Acceptance: **{v['overall']}** ({v['n_pass']} pass, {v['n_fail']} fail of "
-        f"{v['n']} criteria)",
+        f"- Acceptance: **{v['overall']}** ({v['n_pass']} pass, {v['n_fail']} fail, "
+        f"{v['n_inconclusive']} inconclusive of {v['n']} pathology × method rows)",
         "",
     ]
     pp = data.per_pathology
@@ -60,15 +61,33 @@ def markdown_summary(data: RunData) -> str:
                 f"{_md(num_cell(r.get('n'), integer=True)['text'])} | "
                 f"{_ci_text(r.get('iou_mean'), r.get('iou_mean_lo'), r.get('iou_mean_hi'))} | "
                 f"{_ci_text(r.get('pointing_rate'), r.get('pointing_lo'), r.get('pointing_hi'))}"
-                f" | {_md(r.get('verdict'))} |")
+                f" | {_verdict_text(r)} |")
     else:
         lines.append("No per-pathology table in this run.")
-    fails = [r for r in v["rows"] if r["verdict"] == "FAIL"]
+    fails = [r for r in v["rows"] if r["verdict"] == FAIL]
     if fails:
         lines += ["", "Failed criteria:"]
-        lines += [f"- {_md(r['pathology'])} / {_md(r['label'])}: {_md(r['criteria'])}"
+        lines += [f"- {_md(r['pathology'])} / {_md(r['label'])}: {_md(_failed_parts(r))}"
                   for r in fails]
+    if v["rows"]:
+        lines += ["", "Verdicts: " + " ".join(f"**{k}**: {_md(t)}" for k, t in
+                                              VERDICT_LEGEND.items())]
     return "\n".join(lines) + "\n"
+
+
+def _failed_parts(r: dict) -> str:
+    """The criteria of a FAIL row that failed (each criterion's text ends with its verdict)."""
+    parts = r["criteria"].split("; ")
+    return "; ".join(p for p in parts if f"→ {FAIL}" in p) or r["criteria"]
+
+
+def _verdict_text(r: dict) -> str:
+    """``INCONCLUSIVE (n = 70, n needed 123)``, ``PASS (n = 70)``, or "" (no criterion)."""
+    row = table_row(r)
+    if not row["verdict"]:
+        return ""
+    needed = f", n needed {row['n_needed']}" if row["n_needed"] else ""
+    return f"{row['verdict']} (n = {row['n_text']}{_md(needed)})"
 
 
 def render_markdown_summary(run_dir: Path) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audit.protocol import HIT_THRESHOLDS, method_kind
+from audit.metrics.criteria import format_n_needed, overall_verdict
+from audit.protocol import FAIL, HIT_THRESHOLDS, INCONCLUSIVE, PASS, VERDICTS, method_kind
 from audit.store.files import float_or_nan
 from audit.store.rundir import RunData, SavedMaps, average_map_key, map_key
 
@@ -23,7 +24,8 @@ REFERENCE_FIGURES = Path(__file__).parent / "reference_figures.json"
 #: The per_pathology columns a table row shows (as written by audit/metrics/aggregation.py).
 TABLE_COLUMNS = (
     ["n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median", "iou_median_lo",
-     "iou_median_hi", "iobb_mean", "pointing_rate", "pointing_lo", "pointing_hi"]
+     "iou_median_hi", "iobb_mean", "coverage_mean", "pointing_rate", "pointing_lo",
+     "pointing_hi"]
     + [f"iobb_hit_{t}_rate" for t in THRESHOLDS]
     + [f"iou_hit_{t}_rate" for t in THRESHOLDS]
     + [f"{p}_{t}_{side}" for t in THRESHOLDS for p in ("iobb_hit", "iou_hit")
@@ -79,6 +81,14 @@ def boxes_for(boxes: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
 # ---- table rows and verdicts ------------------------------------------------------------------
 
 
+def n_needed_text(r: dict) -> str:
+    """The row's "n needed" as shown ("123", "≈ 123", "never"; "" when decisive)."""
+    if as_text(r.get("verdict")).upper() != INCONCLUSIVE:
+        return ""
+    approx = as_text(r.get("n_needed_approx")).lower() in ("true", "1", "1.0")
+    return format_n_needed(float_or_nan(r.get("n_needed")), approx)
+
+
 def table_row(r: dict) -> dict:
     """One per_pathology row as table cells keyed by the run's column names."""
     cells = {c: num_cell(r.get(c), integer=(c == "n")) for c in TABLE_COLUMNS}
@@ -88,8 +98,10 @@ def table_row(r: dict) -> dict:
         "method": m,
         "label": method_label(m),
         "kind": as_text(r.get("kind")) or method_kind(m),
-        "verdict": as_text(r.get("verdict")),
+        "verdict": as_text(r.get("verdict")).upper(),
         "criteria": as_text(r.get("criteria")),
+        "n_text": cells["n"]["text"],
+        "n_needed": n_needed_text(r),
         "cells": cells,
         "has_median_ci": cells["iou_median_lo"]["value"] != "nan",
         "has_iobb_mean": cells["iobb_mean"]["value"] != "nan",
@@ -103,18 +115,21 @@ def pathology_rows(pp: pd.DataFrame, name: str, methods: list[str]) -> list[dict
 
 
 def verdicts(pp: pd.DataFrame | None, methods: list[str] | None = None) -> dict:
-    """The PASS/FAIL rows of per_pathology, their counts and a pathology x method grid."""
+    """The judged rows of per_pathology (PASS / FAIL / INCONCLUSIVE, with n and n needed), their
+    counts, the run's overall verdict and a pathology x method grid."""
     rows = []
     if pp is not None and not pp.empty and "verdict" in pp:
         for r in pp.to_dict("records"):
             v = as_text(r.get("verdict")).upper()
-            if v in ("PASS", "FAIL"):
+            if v in VERDICTS:
                 rows.append({"pathology": as_text(r.get("pathology")),
                              "method": str(r.get("method")),
                              "label": method_label(str(r.get("method"))),
-                             "criteria": as_text(r.get("criteria")), "verdict": v})
-    n_fail = sum(r["verdict"] == "FAIL" for r in rows)
-    overall = "NO CRITERIA" if not rows else ("FAIL" if n_fail else "PASS")
+                             "criteria": as_text(r.get("criteria")), "verdict": v,
+                             "n_text": num_cell(r.get("n"), integer=True)["text"],
+                             "n_needed": n_needed_text(r)})
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+    overall = overall_verdict(r["verdict"] for r in rows)
     present = list(dict.fromkeys(r["method"] for r in rows))
     grid_methods = [m for m in (methods or []) if m in present] + [
         m for m in present if m not in (methods or [])]
@@ -122,8 +137,9 @@ def verdicts(pp: pd.DataFrame | None, methods: list[str] | None = None) -> dict:
     grid = [{"pathology": p, "cells": [by.get((p, m)) for m in grid_methods]}
             for p in dict.fromkeys(r["pathology"] for r in rows)]
     crits = {r["criteria"] for r in rows}
-    return {"rows": rows, "n": len(rows), "n_fail": n_fail, "n_pass": len(rows) - n_fail,
-            "overall": overall, "methods": grid_methods, "grid": grid,
+    return {"rows": rows, "n": len(rows), "n_fail": counts[FAIL], "n_pass": counts[PASS],
+            "n_inconclusive": counts[INCONCLUSIVE], "overall": overall,
+            "methods": grid_methods, "grid": grid,
             "common_criterion": crits.pop() if len(crits) == 1 else ""}
 
 

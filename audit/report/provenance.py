@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+from audit.metrics.criteria import criterion_label
 from audit.protocol import TARGET_LAYER_TEXT
 from audit.store.files import float_or_nan
 
@@ -43,12 +44,14 @@ def _flatten(obj: Any, prefix: str = "", limit_list: int | None = None) -> list[
 
 
 def _criterion_text(c: Any) -> str:
+    """A configured criterion as text: its label (``pointing_rate >= 0.5 (95% CI)``,
+    ``pointing_hit beats Centre prior (paired difference, 95% CI)``), then its other keys."""
     if isinstance(c, dict):
-        metric, op, value = c.get("metric"), c.get("op"), c.get("value")
-        head = f"{metric} {op} {value}" if metric is not None and op is not None else ""
-        rest = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("metric", "op", "value")
-                         or not head)
-        return f"{head} ({rest})" if head and rest else (head or rest)
+        head = criterion_label(c) if c.get("metric") is not None and c.get("op") is not None \
+            else ""
+        shown = ("metric", "op", "value", "use", "baseline")
+        rest = ", ".join(f"{k}={v}" for k, v in c.items() if k not in shown or not head)
+        return f"{head}; {rest}" if head and rest else (head or rest)
     return str(c)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from audit.protocol import N_NEEDED_CAP, VERDICT_LEGEND
 from audit.store.rundir import RunData, read_run
 
 from .context import CSP, rendered_at
@@ -91,6 +92,8 @@ def render_side_by_side(
         "calibration": generic_table(calibration) if calibration is not None else None,
         "rendered_at": rendered_at(),
         "decimals": DECIMALS,
+        "verdict_legend": VERDICT_LEGEND,
+        "n_needed_cap": N_NEEDED_CAP,
     }
     write_text(target, environment().get_template("side_by_side.html.j2").render(**ctx),
                exclusive=inside)

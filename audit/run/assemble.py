@@ -18,7 +18,9 @@ import torch
 from audit.config import AuditSettings
 from audit.data.manifest import rejects_path
 from audit.data.preprocess import box_mask, scale_boxes
-from audit.metrics.aggregation import aggregate_per_pathology, evaluate_criteria, paired_difference
+from audit.metrics.aggregation import aggregate_per_pathology, paired_difference
+from audit.metrics.criteria import evaluate_criteria
+from audit.protocol import BEATS
 from audit.run.plan import Selection
 from audit.run.provenance import code_section, dataset_section, model_section
 from audit.store.rundir import (
@@ -29,6 +31,7 @@ from audit.store.rundir import (
     average_map_key,
     read_npz,
     read_table,
+    table_records,
 )
 
 
@@ -68,20 +71,25 @@ def all_rejects(batch_dirs: list[Path], manifest_csv: Path) -> pd.DataFrame:
 
 def aggregates(boxes: pd.DataFrame, settings: AuditSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(per_pathology with verdicts, paired differences)``; empty frames with the documented
-    columns when no box was scored."""
+    columns when no box was scored. The paired differences (every method against the later
+    methods and every baseline, best match per image-finding, by pathology) cover IoU, the
+    pointing game and every metric a baseline criterion names; the verdicts read them."""
     if boxes.empty:
         return pd.DataFrame(), pd.DataFrame()
-    per_pathology = evaluate_criteria(aggregate_per_pathology(boxes, seed=settings.seed),
-                                      settings.acceptance)
     present = set(boxes["method"])
     methods = [m for m in settings.methods if m in present]
     baselines = [b for b in settings.baselines if b in present]
+    metrics = list(dict.fromkeys(["iou", "pointing_hit", *(
+        c["metric"] for c in settings.acceptance if c.get("op") == BEATS)]))
     frame = boxes.assign(pointing_hit=boxes["pointing_hit"].astype(float))
-    paired = [paired_difference(frame, a, b, metric=metric, seed=settings.seed, by="pathology",
-                                best_match=True, keys=("image_key", "finding", "box_index"))
-              for i, a in enumerate(methods) for b in methods[i + 1:] + baselines
-              for metric in ("iou", "pointing_hit")]
-    return per_pathology, (pd.concat(paired, ignore_index=True) if paired else pd.DataFrame())
+    pairs = [paired_difference(frame, a, b, metric=metric, seed=settings.seed, by="pathology",
+                               best_match=True, keys=("image_key", "finding", "box_index"))
+             for i, a in enumerate(methods) for b in methods[i + 1:] + baselines
+             for metric in metrics]
+    paired = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame()
+    per_pathology = evaluate_criteria(aggregate_per_pathology(boxes, seed=settings.seed),
+                                      settings.acceptance, paired)
+    return per_pathology, paired
 
 
 def average_maps(batch_dirs: list[Path], boxes: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
@@ -137,7 +145,7 @@ def assemble_run(run: RunDirectory, batch_dirs: list[Path], ctx: RunContext) -> 
     for name in ("images", "curves", "predictions"):
         run.write_table(concat_batches(batch_dirs, name), f"{name}.parquet")
     run.write_table(per_pathology, "per_pathology.csv")
-    run.write_json("per_pathology.json", json.loads(per_pathology.to_json(orient="records")))
+    run.write_json("per_pathology.json", table_records(per_pathology))
     run.write_table(paired, "paired.csv")
     run.write_table(all_rejects(batch_dirs, ctx.manifest_csv), "rejects.csv")
     run.write_json(RUN_JSON, run_json(run, batch_dirs, ctx, n_scored=len(boxes)))

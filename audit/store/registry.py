@@ -1,6 +1,7 @@
 """The run registry: one row per finished run and one per (run, pathology, method) aggregate,
 in a real database (a SQLite file by default, any SQLAlchemy URL such as PostgreSQL for a team).
-Only SQL lives here; the run directory is read through `audit.store.rundir`.
+Only SQL lives here; the run directory is read through `audit.store.rundir`, and the regression
+check between two runs (`Registry.compare`) is `audit.store.compare`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from sqlalchemy import (
     create_engine,
     delete,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 
+from audit.protocol import VERDICTS
+from audit.store.compare import compare_runs, run_boxes
 from audit.store.rundir import read_run_json, read_table
 
 REGISTRY_ENV = "CXR_AUDIT_REGISTRY"
@@ -35,6 +40,8 @@ DEFAULT_REGISTRY_PATH = Path("runs") / "registry.sqlite"
 
 
 _metadata = MetaData()
+#: Room for every verdict (PASS, FAIL, INCONCLUSIVE); databases made with VARCHAR(8) are widened.
+VERDICT_LENGTH = max(16, *map(len, VERDICTS))
 
 runs_table = Table(
     "runs",
@@ -67,7 +74,7 @@ results_table = Table(
     Column("pointing_rate", Float),
     Column("pointing_lo", Float),
     Column("pointing_hi", Float),
-    Column("verdict", String(8)),
+    Column("verdict", String(VERDICT_LENGTH)),
 )
 
 RESULT_COLUMNS = [c.name for c in results_table.columns if c.name != "run_id"]
@@ -93,6 +100,7 @@ class Registry:
         self.url = registry_url(url)
         self.engine: Engine = create_engine(self.url, future=True)
         _metadata.create_all(self.engine)
+        _widen_verdict_column(self.engine)
 
     def record_run(self, run_dir: Path) -> str:
         """Insert (or replace) the rows of one finished run directory."""
@@ -174,42 +182,43 @@ class Registry:
             found = conn.execute(query).first()
         return (found[0], found[1]) if found else None
 
-    def compare(self, run_a: str, run_b: str) -> pd.DataFrame:
-        return compare_results(self.results(run_a), self.results(run_b))
+    def run_dir(self, run_id: str) -> str | None:
+        """The run directory recorded for ``run_id`` (None when the run is not recorded)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(runs_table.c.run_dir)
+                                 .where(runs_table.c.run_id == run_id)).first()
+        return found[0] if found else None
+
+    def compare(self, run_a: str, run_b: str, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+        """(the regression check from ``run_a`` (old) to ``run_b`` (new), notes): the paired
+        bootstrap of new - old on the boxes both run directories hold
+        (`audit.store.compare.compare_runs`). The notes say why nothing could be judged (a run
+        directory gone or without boxes); then every row says "cannot judge"."""
+        old, new = self.results(run_a), self.results(run_b)
+        boxes, notes, reasons = [], [], []
+        for run_id in (run_a, run_b):
+            folder = self.run_dir(run_id)
+            table, reason = run_boxes(folder)
+            boxes.append(table)
+            if reason:
+                reasons.append(reason)
+                notes.append(f"{run_id}: {reason} ({folder}); cannot judge")
+        table = compare_runs(old, new, *boxes, seed=seed,
+                             cannot=reasons[0] if reasons else "")
+        return table, notes
 
 
-def compare_results(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """Per (pathology, method) change from `old` to `new`.
-
-    A regression is a new CI lying entirely below the old mean (for IoU mean or pointing rate),
-    or a verdict that went from PASS to FAIL.
-    """
-    keys = ["pathology", "method"]
-    old, new = _numeric(old), _numeric(new)
-    merged = old.merge(new, on=keys, how="outer", suffixes=("_old", "_new"))
-    out = merged[keys].copy()
-    regressions: list[list[str]] = [[] for _ in range(len(merged))]
-    for metric, lo, hi in (
-        ("iou_mean", "iou_mean_lo", "iou_mean_hi"),
-        ("pointing_rate", "pointing_lo", "pointing_hi"),
-    ):
-        out[f"{metric}_old"] = merged[f"{metric}_old"]
-        out[f"{metric}_new"] = merged[f"{metric}_new"]
-        out[f"{lo}_new"] = merged[f"{lo}_new"]
-        out[f"{hi}_new"] = merged[f"{hi}_new"]
-        out[f"{metric}_delta"] = merged[f"{metric}_new"] - merged[f"{metric}_old"]
-        below = merged[f"{hi}_new"] < merged[f"{metric}_old"]
-        for i, flag in enumerate(below.fillna(False).tolist()):
-            if flag:
-                regressions[i].append(f"{metric} CI below previous mean")
-    out["verdict_old"] = merged["verdict_old"].fillna("")
-    out["verdict_new"] = merged["verdict_new"].fillna("")
-    for i, (v_old, v_new) in enumerate(zip(out["verdict_old"], out["verdict_new"], strict=True)):
-        if v_old == "PASS" and v_new == "FAIL":
-            regressions[i].append("PASS became FAIL")
-    out["regression"] = [bool(r) for r in regressions]
-    out["why"] = ["; ".join(r) for r in regressions]
-    return out.sort_values(keys).reset_index(drop=True)
+def _widen_verdict_column(engine: Engine) -> None:
+    """A registry created when verdicts were PASS/FAIL holds ``verdict`` as VARCHAR(8), too short
+    for INCONCLUSIVE: widen it (PostgreSQL; SQLite does not enforce lengths)."""
+    if engine.dialect.name != "postgresql":
+        return
+    columns = {c["name"]: c for c in inspect(engine).get_columns(results_table.name)}
+    length = getattr(columns.get("verdict", {}).get("type"), "length", None)
+    if length is not None and length < VERDICT_LENGTH:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {results_table.name} ALTER COLUMN verdict "
+                              f"TYPE VARCHAR({VERDICT_LENGTH})"))
 
 
 def _numeric(df: pd.DataFrame) -> pd.DataFrame:

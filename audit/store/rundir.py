@@ -28,7 +28,8 @@ from audit.store.files import atomic_write_json, atomic_write_table, sha256_file
 __all__ = [
     "RUN_JSON", "RUN_FILES", "BATCH_FILES", "BOX_COLUMNS", "BOX_GEOMETRY", "PER_PATHOLOGY_COLUMNS",
     "REJECT_COLUMNS", "RunDirectoryError", "RunDirectory", "RunData", "new_run_id",
-    "read_run_json", "read_run", "read_table", "read_npz", "map_key", "average_map_key",
+    "read_run_json", "read_run", "read_table", "read_npz", "table_records", "map_key",
+    "average_map_key",
     "saved_map_key", "thumbnail_name", "format_markdown",
 ]
 
@@ -46,8 +47,10 @@ RUN_FILES: dict[str, str] = {
                       "metric, value (randomization cascade, deletion, insertion)",
     "predictions.parquet": "one row per (image, model output): logit, probability, label",
     "per_pathology.csv": "one row per (pathology, method): PER_PATHOLOGY_COLUMNS",
-    "per_pathology.json": "the same rows as a JSON list",
-    "paired.csv": "paired differences between methods and baselines per pathology",
+    "per_pathology.json": "the same rows as a JSON list (NaN: null; inf: \"inf\")",
+    "paired.csv": "paired differences between methods and baselines per pathology (method_a, "
+                  "method_b, metric, n_pairs, mean_diff, diff_lo, diff_hi, p_boot): what the "
+                  "baseline criteria are judged on",
     "rejects.csv": "REJECT_COLUMNS: inputs the run could not use, with the reason",
     "average_maps.npz": "mean normalized map per 'method|finding', expert box mask per "
                         "'expert|finding' (model resolution)",
@@ -77,18 +80,31 @@ HIT_COLUMNS = [f"{kind}_hit_{t:g}" for kind in ("iou", "iobb") for t in HIT_THRE
 BOX_COLUMNS = [
     "run_id", "image_key", "sha256", "finding", "model_finding", "pathology", "box_index",
     "width", "height", *BOX_GEOMETRY, "method", "probability", "logit", "status", "iou", "iobb",
-    "pointing_hit", "pointing_distance", "best_match", "pred_x", "pred_y", "pred_w", "pred_h",
-    *HIT_COLUMNS, "threshold",
+    "coverage", "pointing_hit", "pointing_distance", "best_match", "pred_x", "pred_y", "pred_w",
+    "pred_h", *HIT_COLUMNS, "threshold",
 ]
 
 #: Columns of ``per_pathology`` (one row per pathology and method).
 PER_PATHOLOGY_COLUMNS = [
     "pathology", "method", "kind", "n", "iou_mean", "iou_mean_lo", "iou_mean_hi", "iou_median",
-    "pointing_rate", "pointing_lo", "pointing_hi",
-    *[f"{c}_rate" for c in HIT_COLUMNS], "verdict", "criteria",
+    "iobb_mean", "coverage_mean", "pointing_rate", "pointing_lo", "pointing_hi",
+    *[f"{c}_rate" for c in HIT_COLUMNS], "verdict", "criteria", "n_needed", "n_needed_approx",
 ]
 
 REJECT_COLUMNS = ["path", "image_key", "finding", "reason"]
+
+
+def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a table as JSON-ready records (``per_pathology.json``): NaN becomes null and an
+    infinite number the string "inf" / "-inf" (``n_needed`` = inf means "never"), which strict
+    JSON cannot hold as a number."""
+    out = df.copy()
+    for col in out.select_dtypes(include="number").columns:
+        values = out[col]
+        if np.isinf(values).any():
+            out[col] = values.astype(object).where(~np.isinf(values),
+                                                   np.where(values > 0, "inf", "-inf"))
+    return json.loads(out.to_json(orient="records"))
 
 
 # ---- key formats ------------------------------------------------------------------------------
@@ -331,8 +347,12 @@ def format_markdown() -> str:
         lines.append(f"`{title}` columns: " + ", ".join(f"`{c}`" for c in cols) + ".")
         lines.append("")
     lines.append("Box geometry (`box_*`, `pred_*`) is in the image's original frame; `width`, "
-                 "`height` are that frame's size. `verdict` is PASS, FAIL or empty (no "
-                 "criterion applies).")
+                 "`height` are that frame's size. `iobb` is ChestX-ray8's IoBB (intersection "
+                 "over the predicted box); `coverage` is the intersection over the expert box. "
+                 "`verdict` is PASS, FAIL, INCONCLUSIVE or empty (no criterion applies); "
+                 "`criteria` gives each criterion's value, CI, n and verdict; `n_needed` is, for "
+                 "an INCONCLUSIVE row, the units that would make it decisive at the observed "
+                 "rate (`inf`: never), approximate when `n_needed_approx`.")
     return "\n".join(lines) + "\n"
 
 
