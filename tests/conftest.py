@@ -91,8 +91,16 @@ def pytest_collection_modifyitems(config, items) -> None:
 _GROUP = re.compile(r"^\[([\w-]+)\] ")
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """One closing line per group of skipped tests (group, count, one reason)."""
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One closing line per group of skipped tests (group, count, one reason), after pytest's
+    short summary (this wrapper's code after ``yield`` runs last)."""
+    result = yield
+    _skipped_groups(terminalreporter)
+    return result
+
+
+def _skipped_groups(terminalreporter) -> None:
     reports = terminalreporter.stats.get("skipped", [])
     groups: Counter[str] = Counter()
     reasons: dict[str, str] = {}
