@@ -12,7 +12,7 @@ import typer
 
 from audit import __version__
 from audit.config import AuditSettings
-from audit.phantom import DEMO_IG_STEPS, DEMO_IMAGES, DEMO_SEED
+from audit.phantom import DEMO_IMAGES, DEMO_SEED
 from audit.protocol import BASELINE_NAMES, METHOD_NAMES, METRIC_FAMILIES
 
 app = typer.Typer(
@@ -283,16 +283,15 @@ def serve(
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] =
         Path("reports/demo"),
-    n_images: Annotated[int, typer.Option(help="Phantom test images per set.")] = DEMO_IMAGES,
+    n_images: Annotated[int, typer.Option(help="Phantom test images (one set).")] = DEMO_IMAGES,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = DEMO_SEED,
-    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = DEMO_IG_STEPS,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""
     _quiet_prefect_defaults()
     from flows.demo import demo_flow
 
-    result = demo_flow(out=str(out), n_images=n_images, seed=seed, ig_steps=ig_steps,
+    result = demo_flow(out=str(out), n_images=n_images, seed=seed,
                        progress=progress)
     _print_checks(result["checks"])
     for kind, run_dir in result["runs"].items():

@@ -12,21 +12,30 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from audit.config import AuditSettings
 from audit.metrics.randomization import DENSENET_CASCADE_SHORT
-from audit.phantom import DEMO_IG_STEPS, DEMO_IMAGES, DEMO_SEED
+from audit.phantom import (
+    DEMO_COSTLY_PAIRS,
+    DEMO_COSTLY_PER_PATHOLOGY,
+    DEMO_CRITERIA,
+    DEMO_IMAGES,
+    DEMO_METHODS,
+    DEMO_METRICS,
+    DEMO_PREVALENCE,
+    DEMO_SEED,
+)
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
 
 
-def demo_datasets(out: Path, n_images: int, seed: int) -> dict[str, Any]:
-    """Two phantom test sets: the standard one (honest and random models) and the shortcut one
-    (a laterality marker present exactly when a faint Mass is), where the shortcut model is
-    right for the wrong reason."""
+def demo_dataset(out: Path, n_images: int, seed: int) -> Any:
+    """The one phantom test set the three models are audited on: the laterality marker
+    accompanies every Mass (the spurious correlation holds, as at the site where the shortcut
+    was learned) and the Masses are visible, so a model that localizes must look past the
+    marker, and the shortcut model is right for the wrong reason."""
     from audit.phantom.dataset import write_phantom_dataset
+    from audit.phantom.generate import FINDINGS, PhantomConfig
 
-    return {
-        "standard": write_phantom_dataset(out / "standard", n_images=n_images, seed=seed),
-        "shortcut": write_phantom_dataset(out / "shortcut", n_images=n_images, seed=seed + 1,
-                                          shortcut=True),
-    }
+    config = PhantomConfig(marker_with_mass=True,
+                           prevalence={f: DEMO_PREVALENCE for f in FINDINGS})
+    return write_phantom_dataset(out, n_images=n_images, seed=seed, n_dicom=0, config=config)
 
 
 def reference_models() -> dict[str, dict[str, Any]]:
@@ -44,7 +53,7 @@ def reference_models() -> dict[str, dict[str, Any]]:
 
 @flow(name="demo", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int = DEMO_SEED,
-              ig_steps: int = DEMO_IG_STEPS, registry: str | None = None,
+              registry: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Phantom -> ingest -> audit honest/shortcut/random -> reports -> calibration."""
     from audit.phantom.calibration import calibrate
@@ -55,29 +64,26 @@ def demo_flow(out: str = "reports/demo", n_images: int = DEMO_IMAGES, seed: int 
     out_dir = Path(out)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    datasets = demo_datasets(out_dir / "phantom", n_images, seed)
+    dataset = demo_dataset(out_dir / "phantom", n_images, seed)
     timings["phantom"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    manifests = {
-        name: ingest_flow(str(ds.root), str(ds.bbox_csv), str(ds.labels_csv),
-                          f"phantom_{name}", str(out_dir / "manifests"))["manifest_csv"]
-        for name, ds in datasets.items()
-    }
+    manifest = ingest_flow(str(dataset.root), str(dataset.bbox_csv), str(dataset.labels_csv),
+                           "phantom_demo", str(out_dir / "manifests"))["manifest_csv"]
     timings["ingest"] = time.perf_counter() - tick
     registry = registry or str(out_dir / "registry.sqlite")
     base = AuditSettings(
-        manifest=manifests["standard"], random_init=True, out=str(out_dir / "runs"),
-        ig_steps=ig_steps, costly_per_pathology=1, costly_max_pairs=1, save_maps=True,
-        randomization_blocks=list(DENSENET_CASCADE_SHORT), fidelity_step=0.125,
+        manifest=manifest, random_init=True, out=str(out_dir / "runs"),
+        methods=list(DEMO_METHODS), metrics=list(DEMO_METRICS),
+        costly_per_pathology=DEMO_COSTLY_PER_PATHOLOGY,
+        costly_max_pairs=DEMO_COSTLY_PAIRS, save_maps=True,
+        randomization_blocks=list(DENSENET_CASCADE_SHORT),
         registry=registry, batch_size=8, progress=progress,
-        acceptance=[{"pathology": "*", "method": "*", "metric": "pointing_rate", "op": ">=",
-                     "value": 0.5, "use": "estimate"}],
+        acceptance=[dict(c) for c in DEMO_CRITERIA],
     )
     runs: dict[str, Path] = {}
     for kind, model in reference_models().items():
         tick = time.perf_counter()
-        manifest = manifests["shortcut" if kind == "shortcut" else "standard"]
-        settings = replace(base, **{"random_init": False, "manifest": manifest, **model})
+        settings = replace(base, **{"random_init": False, **model})
         run, _ = audit_flow_body(manifest, settings.validate())
         run_dir, _ = report_and_finish(run, registry)
         runs[kind] = Path(run_dir)

@@ -1,7 +1,9 @@
 """The built-in default: `cxr-audit demo` audits the phantom reference models and calibrates.
 
 One demo run (the README's quick-start job) is shared by the tests of this module; the
-calibration is then re-judged with the honest run swapped for the random one, which must fail.
+calibration is then re-judged with runs given as the wrong model, which must fail (exit 1):
+(a) a second random model (another seed, audited on the same set) as the honest one, (b) the
+shortcut run as the honest one, (c) the honest run as the shortcut one.
 """
 
 from __future__ import annotations
@@ -48,19 +50,66 @@ def test_demo_passes_its_calibration_and_writes_the_report(demo_out) -> None:
         assert (run_dir / "report.html").is_file()
 
 
-def test_calibration_fails_when_the_honest_model_is_swapped_for_the_random_one(demo_out) -> None:
+def test_every_expected_verdict_is_decisive_and_met(demo_out) -> None:
     demo_dir, _ = demo_out
-    runs = _runs(demo_dir)
+    table = pd.read_csv(demo_dir / "calibration.csv", keep_default_na=False)
+    expected = table[table["expected"] != ""]
+    assert {"honest", "shortcut", "random"} == set(expected["model"])
+    assert (expected["verdict"] == expected["expected"]).all(), expected.to_string()
+    random_rows = table[(table["model"] == "random") & (table["kind"] == "method")]
+    assert "PASS" not in set(random_rows["verdict"]), random_rows.to_string()
+
+
+@pytest.fixture(scope="module")
+def second_random_run(demo_out, prefect_server) -> Path:
+    """A random model with another seed (1; the demo's is 0) on the demo's test set: Grad-CAM
+    and Grad-CAM++, localization only (cheap)."""
+    demo_dir, _ = demo_out
+    manifest = next((demo_dir / "manifests").glob("*.csv"))
+    out = demo_dir.parent / "random_seed1"
+    env = prefect_server.client_env(home=demo_dir.parent / "prefect_home")
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--manifest", str(manifest),
+                           "--random-init", "--model-seed", "1", "--methods", "gradcam,gradcampp",
+                           "--metrics", "localization", "--save-maps", "--out", str(out),
+                           "--registry", str(out / "registry.sqlite"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("run directory:"))
+    return Path(line.split(":", 1)[1].strip())
+
+
+def _calibrate(honest: Path, shortcut: Path, random: Path):
     from typer.testing import CliRunner
 
     from audit.cli import app
 
-    swapped = CliRunner().invoke(app, ["calibrate", "--honest", str(runs["random"]),
-                                       "--shortcut", str(runs["shortcut"]),
-                                       "--random", str(runs["random"])])
-    assert swapped.exit_code == 1, swapped.output
-    assert "FAIL" in swapped.output
-    same = CliRunner().invoke(app, ["calibrate", "--honest", str(runs["honest"]),
-                                    "--shortcut", str(runs["shortcut"]),
-                                    "--random", str(runs["random"])])
+    return CliRunner().invoke(app, ["calibrate", "--honest", str(honest), "--shortcut",
+                                    str(shortcut), "--random", str(random)])
+
+
+def test_calibration_passes_with_the_runs_in_their_places(demo_out) -> None:
+    runs = _runs(demo_out[0])
+    same = _calibrate(runs["honest"], runs["shortcut"], runs["random"])
     assert same.exit_code == 0, same.output
+
+
+def test_calibration_fails_with_another_random_model_as_the_honest_one(
+        demo_out, second_random_run) -> None:
+    runs = _runs(demo_out[0])
+    swapped = _calibrate(second_random_run, runs["shortcut"], runs["random"])
+    assert swapped.exit_code == 1, swapped.output
+    assert "[FAIL] honest" in swapped.output
+
+
+def test_calibration_fails_with_the_shortcut_run_as_the_honest_one(demo_out) -> None:
+    runs = _runs(demo_out[0])
+    swapped = _calibrate(runs["shortcut"], runs["shortcut"], runs["random"])
+    assert swapped.exit_code == 1, swapped.output
+    assert "[FAIL] honest" in swapped.output
+
+
+def test_calibration_fails_with_the_honest_run_as_the_shortcut_one(demo_out) -> None:
+    runs = _runs(demo_out[0])
+    swapped = _calibrate(runs["honest"], runs["honest"], runs["random"])
+    assert swapped.exit_code == 1, swapped.output
+    assert "[FAIL] shortcut" in swapped.output

@@ -205,6 +205,18 @@ def test_shortcut_marker_is_drawn_in_its_box_and_the_mass_is_faint():
     assert 3 <= faint <= 12 < bright
 
 
+def test_marker_with_mass_set_puts_the_marker_on_every_visible_mass_and_nowhere_else():
+    for i in range(60):
+        common = PhantomConfig(size=64, marker_with_mass=True, noise_sigma=0.0)
+        img, boxes, lab = generate_phantom(11, i, common)
+        assert lab["marker"] == lab["Mass"]
+        ordinary, ordinary_boxes, ordinary_lab = generate_phantom(
+            11, i, PhantomConfig(size=64, noise_sigma=0.0, force_marker=bool(lab["Mass"])))
+        # the same draws as an ordinary phantom with the marker forced: the Mass is visible
+        assert np.array_equal(img, ordinary) and boxes == ordinary_boxes
+        assert {k: v for k, v in lab.items()} == ordinary_lab
+
+
 def test_some_images_are_negatives_and_findings_co_occur():
     labs = [generate_phantom(0, i, PhantomConfig(size=32))[2] for i in range(200)]
     counts = [sum(lab[f] for f in FINDINGS) for lab in labs]

@@ -1,11 +1,20 @@
 """Calibration of the instrument on the phantom: does the audit tell the reference models apart?
 
-Three runs on the same phantom test set (marker present exactly when a Mass is):
-- **honest**: pointing hit rate and mean IoU above the random model's CI and above the
-  centre-prior baseline, Grad-CAM randomization similarity dropping;
-- **shortcut**: high AUROC on the shortcut finding, but localization FAIL and maps on the marker;
-- **random**: FAIL everywhere.
-The check reads only finished run directories (no recomputation).
+Three runs of the audit on **one** phantom test set (the demo's: the laterality marker accompanies
+every Mass and the Masses are visible, see docs/phantom.md), each judged by the run's own
+per-pathology verdicts (its acceptance criteria, judged by CI) and by what its saved maps show:
+
+- **honest**: localization PASS for Grad-CAM and Grad-CAM++ on every position-varying finding
+  (Mass, Effusion, Pneumothorax); its Mass maxima decisively *not* on the marker; Grad-CAM
+  similarity dropping under cascading randomization (mean over at least
+  ``MIN_RANDOMIZATION_MAPS`` maps);
+- **shortcut**: Mass AUROC high, but Mass localization FAIL for Grad-CAM and Grad-CAM++, with
+  its Mass maxima decisively on the marker;
+- **random**: localization FAIL for every method on every position-varying finding.
+
+"Decisively" is by the Wilson 95 % CI of the fraction (lower bound >= 0.5 for "on", upper bound
+< 0.5 for "not on"). Each check is a function of the run's tables, so it can be tested on
+crafted tables (tests/test_calibration.py). The check reads finished run directories only.
 """
 
 from __future__ import annotations
@@ -17,17 +26,19 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from audit.metrics.aggregation import aggregate_per_pathology, wilson_interval
+from audit.metrics.aggregation import wilson_interval
+from audit.protocol import BASELINE_NAMES
 from audit.store.rundir import SavedMaps, read_table
 from audit.store.rundir import read_run_json as load_run
 
 POSITION_VARYING = ("Mass", "Effusion", "Pneumothorax")
 SHORTCUT_FINDING = "Mass"
-CHECK_METHOD = "gradcam"
+CAM_METHODS = ("gradcam", "gradcampp")  # every expected verdict must be decisive for these
+RANDOMIZATION_METHOD = "gradcam"
 AUROC_HIGH = 0.9
-RANDOMIZATION_DROP = 0.5  # final |Spearman| of the fully randomized cascade must fall below
-MARKER_FRACTION = 0.5
-RANDOM_POINTING_FAIL = 0.5  # the demo's acceptance criterion: pointing rate >= 0.5
+RANDOMIZATION_DROP = 0.5  # mean final |Spearman| of the fully randomized cascade must fall below
+MIN_RANDOMIZATION_MAPS = 5  # the randomization check averages at least this many maps
+MARKER_FRACTION = 0.5  # "on the marker": Wilson lower bound >= this; "not on": upper bound <
 
 
 @dataclass
@@ -43,6 +54,10 @@ class CalibrationResult:
         return pd.DataFrame(self.checks, columns=["model", "check", "passed", "detail"])
 
 
+def _check(model: str, name: str, passed: bool, detail: str) -> dict[str, object]:
+    return {"model": model, "check": name, "passed": bool(passed), "detail": detail}
+
+
 def auroc_per_finding(run_dir: Path) -> dict[str, float]:
     """AUROC of the model's probability per finding, over every image with a known label."""
     predictions = read_table(run_dir, "predictions")
@@ -56,16 +71,22 @@ def auroc_per_finding(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def _pooled(boxes: pd.DataFrame, method: str, findings: tuple[str, ...], seed: int) -> dict:
-    subset = boxes[(boxes["method"] == method) & boxes["model_finding"].isin(findings)].copy()
-    subset["pathology"] = "pooled"
-    if subset.empty:
-        return {}
-    return aggregate_per_pathology(subset, seed=seed).iloc[0].to_dict()
+def expected_verdict(model: str, finding: str, method: str) -> str:
+    """What the calibration expects of a (model, finding, method) row ("" = no expectation)."""
+    if finding not in POSITION_VARYING or method in BASELINE_NAMES:
+        return ""
+    if model == "honest" and method in CAM_METHODS:
+        return "PASS"
+    if model == "shortcut" and finding == SHORTCUT_FINDING and method in CAM_METHODS:
+        return "FAIL"
+    if model == "random":
+        return "FAIL"
+    return ""
 
 
 def calibration_table(runs: dict[str, Path]) -> pd.DataFrame:
-    """Per model, finding and method: AUROC, pointing rate (CI), mean IoU (CI), randomization."""
+    """Per model, finding and method: n, AUROC, pointing rate (CI), mean IoU (CI),
+    randomization, the run's verdict and the calibration's expected verdict."""
     rows = []
     for kind, run_dir in runs.items():
         per = read_table(run_dir, "per_pathology")
@@ -80,24 +101,15 @@ def calibration_table(runs: dict[str, Path]) -> pd.DataFrame:
                 sel = images[(images["finding"] == finding) & (images["method"] == method)]
                 values = sel["randomization_final_spearman_abs"].dropna()
                 randomization = float(values.mean()) if len(values) else np.nan
-            rows.append(
-                {
-                    "model": kind,
-                    "finding": finding,
-                    "method": method,
-                    "kind": record["kind"],
-                    "n": record["n"],
-                    "auroc": aurocs.get(finding, np.nan),
-                    "pointing_rate": record["pointing_rate"],
-                    "pointing_lo": record["pointing_lo"],
-                    "pointing_hi": record["pointing_hi"],
-                    "iou_mean": record["iou_mean"],
-                    "iou_mean_lo": record["iou_mean_lo"],
-                    "iou_mean_hi": record["iou_mean_hi"],
-                    "randomization_spearman_abs": randomization,
-                    "verdict": record["verdict"],
-                }
-            )
+            rows.append({
+                "model": kind, "finding": finding, "method": method, "kind": record["kind"],
+                "n": record["n"], "auroc": aurocs.get(finding, np.nan),
+                "pointing_rate": record["pointing_rate"], "pointing_lo": record["pointing_lo"],
+                "pointing_hi": record["pointing_hi"], "iou_mean": record["iou_mean"],
+                "iou_mean_lo": record["iou_mean_lo"], "iou_mean_hi": record["iou_mean_hi"],
+                "randomization_spearman_abs": randomization, "verdict": record["verdict"],
+                "expected": expected_verdict(kind, finding, method),
+            })
     return pd.DataFrame(rows)
 
 
@@ -105,7 +117,7 @@ def marker_fraction(
     run_dir: Path,
     marker_box: tuple[float, float, float, float],
     finding: str = SHORTCUT_FINDING,
-    method: str = CHECK_METHOD,
+    method: str = "gradcam",
     tolerance_px: float = 0.0,
 ) -> tuple[int, int]:
     """How many of `finding`'s maps put their maximum on the marker: (hits, n).
@@ -126,112 +138,112 @@ def marker_fraction(
     return hits, total
 
 
+# ---- the checks, each a function of a run's tables ---------------------------------------------
+
+
+def _verdicts(per: pd.DataFrame | None, methods, findings) -> dict[tuple[str, str], str]:
+    out = {}
+    for method in methods:
+        for finding in findings:
+            row = pd.DataFrame() if per is None else per[
+                (per["pathology"] == finding) & (per["method"] == method)]
+            out[(method, finding)] = str(row["verdict"].iloc[0]) if len(row) else "missing"
+    return out
+
+
+def verdict_check(model: str, per: pd.DataFrame | None, methods, findings,
+                  expected: str) -> list[dict[str, object]]:
+    """One check per method: the run's verdict is `expected` on every one of `findings`
+    (a missing row or an INCONCLUSIVE verdict fails the check)."""
+    verdicts = _verdicts(per, methods, findings)
+    checks = []
+    for method in methods:
+        got = {f: verdicts[(method, f)] for f in findings}
+        checks.append(_check(
+            model, f"{method} localization {expected} on {', '.join(findings)}",
+            all(v == expected for v in got.values()),
+            "; ".join(f"{f} {v}" for f, v in got.items())))
+    return checks
+
+
+def marker_check(model: str, hits: int, total: int, on_marker: bool) -> dict[str, object]:
+    """The Mass maxima are decisively on (``on_marker``) or decisively not on the marker."""
+    lo, hi = wilson_interval(hits, total) if total else (np.nan, np.nan)
+    if on_marker:
+        name, passed = "Mass maxima on the marker", total > 0 and lo >= MARKER_FRACTION
+        bound = f"CI lower bound >= {MARKER_FRACTION}"
+    else:
+        name, passed = "Mass maxima not on the marker", total > 0 and hi < MARKER_FRACTION
+        bound = f"CI upper bound < {MARKER_FRACTION}"
+    return _check(model, name, passed,
+                  f"{hits}/{total} on the marker (95% CI {lo:.2f}-{hi:.2f}; needs {bound})")
+
+
+def randomization_check(model: str, images: pd.DataFrame | None,
+                        method: str = RANDOMIZATION_METHOD) -> dict[str, object]:
+    """Mean final |Spearman| of the cascade below RANDOMIZATION_DROP over at least
+    MIN_RANDOMIZATION_MAPS maps."""
+    values = pd.Series(dtype=float)
+    if images is not None and "randomization_final_spearman_abs" in images:
+        values = images.loc[images["method"] == method,
+                            "randomization_final_spearman_abs"].dropna()
+    mean = float(values.mean()) if len(values) else float("nan")
+    return _check(
+        model, f"{method} similarity drops under cascading randomization",
+        len(values) >= MIN_RANDOMIZATION_MAPS and mean < RANDOMIZATION_DROP,
+        f"mean final |Spearman| {mean:.3f} (< {RANDOMIZATION_DROP}) over {len(values)} maps "
+        f"(at least {MIN_RANDOMIZATION_MAPS})")
+
+
+def auroc_check(model: str, aurocs: dict[str, float],
+                finding: str = SHORTCUT_FINDING) -> dict[str, object]:
+    value = aurocs.get(finding, np.nan)
+    return _check(model, f"{finding} AUROC high", bool(value >= AUROC_HIGH),
+                  f"AUROC {value:.3f} (>= {AUROC_HIGH})")
+
+
+def random_methods(per: pd.DataFrame | None) -> list[str]:
+    """The saliency methods (not baselines) the random model's run scored."""
+    if per is None or per.empty:
+        return []
+    return sorted(m for m in per["method"].unique() if m not in BASELINE_NAMES)
+
+
 def calibrate(
     runs: dict[str, Path],
     marker_box: tuple[float, float, float, float] | None = None,
-    seed: int = 0,
 ) -> CalibrationResult:
-    """Judge the three reference runs (`honest`, `shortcut`, `random`)."""
+    """Judge the three reference runs (`honest`, `shortcut`, `random`) on the same test set.
+
+    Without ``marker_box`` (1024 frame) the two marker checks are left out."""
     missing = {"honest", "shortcut", "random"} - set(runs)
     if missing:
         raise ValueError(
             f"calibration needs runs of the honest, shortcut and random models; "
             f"missing {sorted(missing)}"
         )
-    table = calibration_table(runs)
-    result = CalibrationResult(table=table)
-    boxes = {kind: read_table(path, "boxes") for kind, path in runs.items()}
-    for kind, frame in boxes.items():
+    result = CalibrationResult(table=calibration_table(runs))
+    per = {kind: read_table(path, "per_pathology") for kind, path in runs.items()}
+    for kind, frame in per.items():
         if frame is None or frame.empty:
-            raise ValueError(f"run of the {kind} model has no scored boxes")
+            raise ValueError(f"run of the {kind} model has no per-pathology results")
 
-    honest = _pooled(boxes["honest"], CHECK_METHOD, POSITION_VARYING, seed)
-    random_model = _pooled(boxes["random"], CHECK_METHOD, POSITION_VARYING, seed)
-    prior = _pooled(boxes["honest"], "centre_prior", POSITION_VARYING, seed)
-
-    def check(model: str, name: str, passed: bool, detail: str) -> None:
-        result.checks.append(
-            {"model": model, "check": name, "passed": bool(passed), "detail": detail}
-        )
-
-    for metric, lo_hi in (("pointing_rate", "pointing_hi"), ("iou_mean", "iou_mean_hi")):
-        ok = bool(honest) and bool(random_model) and honest[metric] > random_model[lo_hi]
-        check(
-            "honest",
-            f"{metric} above the random model's CI",
-            ok,
-            f"honest {honest.get(metric, np.nan):.3f} vs random CI upper "
-            f"{random_model.get(lo_hi, np.nan):.3f} (Grad-CAM, {', '.join(POSITION_VARYING)})",
-        )
-        if prior:
-            ok = honest[metric] > prior[metric]
-            check(
-                "honest",
-                f"{metric} above the centre-prior baseline",
-                ok,
-                f"honest {honest[metric]:.3f} vs centre prior {prior[metric]:.3f}",
-            )
-    honest_images = read_table(runs["honest"], "images")
-    values = pd.Series(dtype=float)
-    if honest_images is not None and "randomization_final_spearman_abs" in honest_images:
-        values = honest_images.loc[
-            honest_images["method"] == CHECK_METHOD, "randomization_final_spearman_abs"
-        ].dropna()
-    check(
-        "honest",
-        "Grad-CAM similarity drops under cascading randomization",
-        len(values) > 0 and float(values.mean()) < RANDOMIZATION_DROP,
-        f"mean final |Spearman| {values.mean() if len(values) else float('nan'):.3f} "
-        f"(< {RANDOMIZATION_DROP}) over {len(values)} maps",
-    )
-
-    shortcut_auroc = auroc_per_finding(runs["shortcut"]).get(SHORTCUT_FINDING, np.nan)
-    check(
-        "shortcut",
-        f"{SHORTCUT_FINDING} AUROC high",
-        shortcut_auroc >= AUROC_HIGH,
-        f"AUROC {shortcut_auroc:.3f} (>= {AUROC_HIGH})",
-    )
-    per_short = read_table(runs["shortcut"], "per_pathology")
-    row = per_short[
-        (per_short["pathology"] == SHORTCUT_FINDING) & (per_short["method"] == CHECK_METHOD)
-    ]
-    verdict = row["verdict"].iloc[0] if len(row) else ""
-    check(
-        "shortcut",
-        f"{SHORTCUT_FINDING} localization FAIL",
-        verdict == "FAIL",
-        f"verdict {verdict or 'none'}; pointing rate "
-        f"{row['pointing_rate'].iloc[0] if len(row) else float('nan'):.3f}",
-    )
+    checks = result.checks
+    checks += verdict_check("honest", per["honest"], CAM_METHODS, POSITION_VARYING, "PASS")
     if marker_box is not None:
-        hits, total = marker_fraction(runs["shortcut"], marker_box)
-        lo, hi = wilson_interval(hits, total) if total else (np.nan, np.nan)
-        check(
-            "shortcut",
-            "maps on the marker",
-            total > 0 and hits / total >= MARKER_FRACTION,
-            f"{hits}/{total} {SHORTCUT_FINDING} maxima on the marker (CI {lo:.2f}–{hi:.2f})",
-        )
+        checks.append(marker_check("honest", *marker_fraction(runs["honest"], marker_box),
+                                   on_marker=False))
+    checks.append(randomization_check("honest", read_table(runs["honest"], "images")))
 
-    # Judged on the pooled position-varying findings per method: with a handful of boxes per
-    # finding, one row of a random model passes a 0.5 pointing criterion by chance too often.
-    random_methods = sorted(
-        m
-        for m in boxes["random"]["method"].unique()
-        if m not in ("random", "centre_prior", "average_box")
-    )
-    rates = {m: _pooled(boxes["random"], m, POSITION_VARYING, seed).get("pointing_rate", np.nan)
-             for m in random_methods}
-    failed = [bool(np.isfinite(r) and r < RANDOM_POINTING_FAIL) for r in rates.values()]
-    details = ", ".join(f"{m} {r:.2f}" for m, r in rates.items())
-    check(
-        "random",
-        f"pointing rate FAIL (< {RANDOM_POINTING_FAIL}) for every method, pooled over "
-        f"{', '.join(POSITION_VARYING)}",
-        bool(failed) and all(failed),
-        details,
-    )
+    checks.append(auroc_check("shortcut", auroc_per_finding(runs["shortcut"])))
+    checks += verdict_check("shortcut", per["shortcut"], CAM_METHODS, (SHORTCUT_FINDING,),
+                            "FAIL")
+    if marker_box is not None:
+        checks.append(marker_check("shortcut", *marker_fraction(runs["shortcut"], marker_box),
+                                   on_marker=True))
+
+    methods = random_methods(per["random"]) or list(CAM_METHODS)
+    checks += verdict_check("random", per["random"], methods, POSITION_VARYING, "FAIL")
     return result
 
 

@@ -24,7 +24,10 @@ fall off *inside* the finding's support (compact smoothsteps), so the box is exa
 
 Shortcut cue: an 'R'-like laterality marker in the top-left corner (:data:`MARKER_BOX_1024`).
 With ``config.shortcut=True`` the marker is present exactly when a Mass is present, and the Mass
-is faint (the cue a labels-only model learns instead of the lesion).
+is faint (the cue a labels-only model learns instead of the lesion). With
+``config.marker_with_mass=True`` the marker also accompanies every Mass but the Mass is visible:
+the demo's common test set, where the spurious correlation still holds (as at the site where the
+shortcut was learned) and a model that localizes must look past the marker.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class PhantomConfig:
     mass_amplitude: tuple[float, float] = (45.0, 65.0)
     faint_mass_amplitude: tuple[float, float] = (6.0, 10.0)  # shortcut set
     marker_probability: float = 0.0  # marker independent of findings (ignored when shortcut)
+    # The demo's common test set: the marker present exactly when a Mass is, and the Mass
+    # visible (ordinary amplitude). Draws nothing extra: other modes keep their bytes.
+    marker_with_mass: bool = False
     noise_sigma: float = 4.0  # white noise at 1024 (scaled with the pixel area when smaller)
     force: dict[str, bool] | None = None  # override presence (geometry draws are unchanged)
     force_marker: bool | None = None
@@ -167,7 +173,7 @@ def _presence(p: dict, config: PhantomConfig) -> tuple[dict[str, bool], bool]:
     present = dict(p["present"])
     if config.force:
         present.update({k: bool(v) for k, v in config.force.items()})
-    if config.shortcut:
+    if config.shortcut or config.marker_with_mass:
         marker = present["Mass"]
     else:
         marker = p["marker_draw"] < config.marker_probability
