@@ -48,7 +48,7 @@ def _png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(image, mode="L").save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 
