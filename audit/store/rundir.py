@@ -4,7 +4,9 @@ report, the registry and the calibration use.
 
 A run directory is assembled under a temporary name (``.RUN_ID.partial``) and renamed into place
 when the run finishes, so a directory named after a run id is always complete; every file inside
-is written atomically. A finished run directory is never modified. ``docs/interfaces.md``'s
+is written atomically. When it finishes, ``run.json``'s ``files`` is sealed: the sha256 of every
+other file, sub-folders and the report included (`hashed_files`; `audit.store.verify` checks it).
+A finished run directory is never modified. ``docs/interfaces.md``'s
 run-directory section is generated from this module (``format_markdown``).
 """
 
@@ -27,7 +29,7 @@ from audit.store.files import atomic_write_json, atomic_write_table, sha256_file
 
 __all__ = [
     "RUN_JSON", "RUN_FILES", "BATCH_FILES", "BOX_COLUMNS", "BOX_GEOMETRY", "PER_PATHOLOGY_COLUMNS",
-    "REJECT_COLUMNS", "RunDirectoryError", "RunDirectory", "RunData", "new_run_id",
+    "REJECT_COLUMNS", "hashed_files", "RunDirectoryError", "RunDirectory", "RunData", "new_run_id",
     "read_run_json", "read_run", "read_table", "read_npz", "table_records", "map_key",
     "average_map_key",
     "saved_map_key", "thumbnail_name", "format_markdown",
@@ -38,7 +40,10 @@ FINISHED_STATUS = "finished"
 
 #: Files of a finished run directory, with what each holds.
 RUN_FILES: dict[str, str] = {
-    RUN_JSON: "provenance: run id, times, model, dataset, settings, versions, sha256 of every file",
+    RUN_JSON: "provenance: run id, times, model, dataset, settings, versions, environment "
+              "(every installed distribution, Python, OS, CPU, GPU, torch flags, seeds); "
+              "'files': sha256 of every other file, by path relative to the run (sealed when "
+              "the run finishes, sub-folders and the report included)",
     "boxes.parquet": "one row per (expert box, method): BOX_COLUMNS",
     "boxes.csv": "the same rows as CSV",
     "images.parquet": "one row per (image, finding, method): probability, logit, method extras "
@@ -184,15 +189,24 @@ class RunDirectory:
         return write_npz(self.path(name), arrays)
 
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every file directly in the staging folder (run.json's ``files``)."""
-        return {p.name: sha256_file(p) for p in sorted(self.staging.iterdir())
-                if p.is_file() and p.name != RUN_JSON}
+        """sha256 of every file of the staging folder but run.json (run.json's ``files``)."""
+        return hashed_files(self.staging)
+
+    def seal(self) -> None:
+        """Record in run.json's ``files`` the sha256 of every file the staging folder holds now
+        (the report and anything written after run.json included)."""
+        if self.path(RUN_JSON).is_file():
+            run = read_run_json(self.staging)
+            run["files"] = self.file_hashes()
+            atomic_write_json(self.path(RUN_JSON), run)
 
     def finish(self) -> Path:
-        """Fsync the staging folder and rename it into place; the run is final afterwards."""
+        """Seal run.json, fsync the staging folder and rename it into place; the run is final
+        afterwards."""
         if self.final.exists():
             raise RunDirectoryError(
                 f"run directory {self.final} already exists; runs are immutable")
+        self.seal()
         fd = os.open(self.staging, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -203,6 +217,14 @@ class RunDirectory:
 
 
 # ---- reading ----------------------------------------------------------------------------------
+
+
+def hashed_files(run_dir: Path) -> dict[str, str]:
+    """``{path relative to the run (POSIX): sha256}`` of every file of a run directory except
+    run.json, sub-folders included, in sorted order."""
+    root = Path(run_dir)
+    found = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    return {name: sha256_file(found[name]) for name in sorted(found) if name != RUN_JSON}
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
