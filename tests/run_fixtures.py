@@ -5,7 +5,6 @@ the verify and DICOM export tests."""
 from __future__ import annotations
 
 import csv
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,18 +57,20 @@ def build_run(model: Any, images_dir: Path, bboxes_csv: Path, root: Path, *,
     return TinyRun(final, registry, Path(sidecar["images_dir"]), manifest_csv)
 
 
-def dicom_phantom_set(root: Path, n_images: int, seed: int, config: Any = None) -> tuple[Path,
-                                                                                         Path]:
-    """A phantom set whose images are all DICOMs: the phantom's DX DICOMs (alternating
-    MONOCHROME2 / MONOCHROME1) in ``root/dicom`` and its box list renamed to them."""
-    from audit.phantom.dataset import write_phantom_dataset
+def demo_set_with_dicoms(root: Path, n_images: int, n_dicom: int) -> tuple[Path, Path]:
+    """The demo's phantom set (`flows.demo.demo_dataset`, the demo's seed), its first
+    ``n_dicom`` images as DICOMs only (alternating MONOCHROME2 / MONOCHROME1), the rest as
+    PNGs: ``(folder to ingest, box list naming the DICOMs)``."""
+    from audit.phantom import DEMO_SEED
+    from flows.demo import demo_dataset
 
-    dataset = write_phantom_dataset(root / "phantom", n_images=n_images, seed=seed,
-                                    n_dicom=n_images, config=config)
-    shutil.rmtree(dataset.images_dir)
-    bboxes = root / "dicom_boxes.csv"
+    dataset = demo_dataset(root / "phantom", n_images, DEMO_SEED, n_dicom=n_dicom)
+    for dicom in dataset.dicoms:
+        (dataset.images_dir / dicom.with_suffix(".png").name).unlink()
+    renamed = {d.with_suffix(".png").name: d.name for d in dataset.dicoms}
+    bboxes = root / "boxes_with_dicoms.csv"
     with open(dataset.bbox_csv, newline="") as src, open(bboxes, "w", newline="") as dst:
         rows = list(csv.reader(src))
-        csv.writer(dst).writerows([rows[0]] + [[r[0].replace(".png", ".dcm"), *r[1:]]
+        csv.writer(dst).writerows([rows[0]] + [[renamed.get(r[0], r[0]), *r[1:]]
                                                for r in rows[1:]])
-    return dataset.root / "dicom", bboxes
+    return dataset.root, bboxes

@@ -18,15 +18,16 @@ from audit.model import load_model
 from audit.store.files import atomic_write_json, atomic_write_table
 from audit.store.rundir import RUN_JSON, hashed_files, read_run_json
 from audit.store.verify import FAIL, OK, WARN, exit_code, verify_run
-from tests.run_fixtures import TinyRun, build_run, dicom_phantom_set
+from tests.run_fixtures import TinyRun, build_run, demo_set_with_dicoms
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    """Three phantom DICOMs, a random model, Grad-CAM and the centre prior, maps saved."""
+    """Four images of the demo's phantom set (three as DICOMs), a random model, Grad-CAM and
+    the centre prior, maps saved."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("verify")
-    images, boxes = dicom_phantom_set(root, n_images=3, seed=7)
+    images, boxes = demo_set_with_dicoms(root, n_images=4, n_dicom=3)
     model = load_model(random_init=True, seed=0, device="cpu")
     return build_run(model, images, boxes, root, baselines=("centre_prior",))
 
@@ -144,7 +145,7 @@ def test_edited_run_json_field_is_caught_by_the_registry(copy: Path) -> None:
 
 def test_swapped_image_is_caught_and_named(tiny: TinyRun, tmp_path: Path) -> None:
     images = Path(shutil.copytree(tiny.images_dir, tmp_path / "images"))
-    first, second = sorted(images.glob("*.dcm"))[:2]
+    first, second = sorted(images.rglob("*.dcm"))[:2]
     first.write_bytes(second.read_bytes())
     checks = verify_run(tiny.run_dir, images_dir=images)
     assert exit_code(checks) == 1
