@@ -84,6 +84,14 @@ def test_an_unrecorded_or_missing_file_is_named(copy: Path) -> None:
     assert "notes.txt not recorded in run.json" in detail and "summary.md missing" in detail
 
 
+def test_a_pdf_printed_after_the_run_is_named_unsealed_not_failed(copy: Path) -> None:
+    (copy / "report.pdf").write_bytes(b"%PDF-1.4 printed later")
+    checks = {c.name: c for c in verify_run(copy)}
+    assert exit_code(list(checks.values())) == 0
+    assert checks["files"].status == WARN
+    assert "added after the run finished, not sealed: report.pdf" in checks["files"].detail
+
+
 def test_edited_per_pathology_value_is_caught_by_re_derivation(copy: Path) -> None:
     table = pd.read_csv(copy / "per_pathology.csv")
     row = table.index[table["method"] == "gradcam"][0]

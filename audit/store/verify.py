@@ -2,7 +2,8 @@
 
 Each check gives one `Check` (OK, FAIL, WARN or SKIP, and what differs):
 
-- ``files``: every file's sha256 against run.json's ``files`` (changed, missing, unrecorded);
+- ``files``: every file's sha256 against run.json's ``files`` (changed, missing, unrecorded;
+  a file a command may add later, `AFTER_FINISH` such as report.pdf, is named as unsealed);
 - ``boxes.csv``: the CSV is the one written from ``boxes.parquet``;
 - ``per_pathology.csv`` / ``per_pathology.json`` / ``paired.csv``: re-derived from ``boxes``
   with the installed code (`audit.run.assemble.aggregates`, verdicts included) and compared;
@@ -32,6 +33,7 @@ import pandas as pd
 
 from audit.store.files import sha256_file, table_bytes
 from audit.store.rundir import (
+    AFTER_FINISH,
     RUN_JSON,
     RunDirectoryError,
     hashed_files,
@@ -80,9 +82,14 @@ def check_files(run_dir: Path, run: dict[str, Any]) -> Check:
                 for name, digest in present.items()
                 if name in recorded and digest != recorded[name]]
     problems += [f"{name} missing" for name in recorded if name not in present]
-    problems += [f"{name} not recorded in {RUN_JSON}" for name in present if name not in recorded]
+    problems += [f"{name} not recorded in {RUN_JSON}" for name in present
+                 if name not in recorded and name not in AFTER_FINISH]
     if problems:
         return Check("files", FAIL, _named(problems))
+    added = [name for name in present if name not in recorded and name in AFTER_FINISH]
+    if added:
+        return Check("files", WARN, f"{len(present) - len(added)} files match {RUN_JSON}; "
+                     f"added after the run finished, not sealed: {', '.join(added)}")
     return Check("files", OK, f"{len(present)} files match {RUN_JSON}")
 
 
