@@ -249,7 +249,8 @@ def check_registry(run_dir: Path, run: dict[str, Any], explicit: str | None) -> 
 
     url = registry_for(run, explicit)
     if url is None:
-        return Check("registry", SKIP, "no registry reachable (give --registry)")
+        return Check("registry", SKIP, f"no registry at {explicit}" if explicit else
+                     "no registry reachable (give --registry)")
     try:
         recorded = Registry(url).recorded(run["run_id"])
     except Exception as err:  # noqa: BLE001 - any database error: not reachable
