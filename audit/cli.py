@@ -370,6 +370,65 @@ def phantom_train(
     typer.echo(str(result))
 
 
+# ---------------------------------------------------------------------------------------------
+# verify and export
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    registry: Annotated[str | None, typer.Option(
+        help="Registry to check the run against (default: $CXR_AUDIT_REGISTRY, else the "
+             "run's own).")] = None,
+    images: Annotated[Path | None, typer.Option(
+        help="Where the audited images are now (default: the manifest's folder).")] = None,
+) -> None:
+    """Check a run: file hashes, tables re-derived with the installed code, registry, images,
+    environment. One line per check; exit 0 when all hold, 1 on a mismatch, 2 when the run
+    cannot be read."""
+    from audit.store.verify import RunUnreadable, exit_code, verify_run
+
+    try:
+        checks = verify_run(run_dir, registry=registry, images_dir=images)
+    except RunUnreadable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    for check in checks:
+        typer.echo(check.line())
+    code = exit_code(checks)
+    typer.echo("verified: every check holds" if code == 0 else
+               f"NOT verified: {sum(c.status == 'FAIL' for c in checks)} check(s) failed")
+    raise typer.Exit(code)
+
+
+@app.command("export-dicom")
+def export_dicom(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (run with "
+                                                 "--save-maps).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Folder for the DICOM Parametric Maps.")],
+    keep_identifiers: Annotated[bool, typer.Option(
+        help="Copy the source's patient and study identifiers (default: none copied).")
+    ] = False,
+    images: Annotated[Path | None, typer.Option(
+        help="Where the source DICOMs are now (default: the manifest's folder).")] = None,
+) -> None:
+    """Write each saved map of a DICOM source as a DICOM Parametric Map that references the
+    source study, series and image (highdicom); other images are skipped with the reason."""
+    from audit.export.dicom_maps import ExportError, export_run
+
+    try:
+        result = export_run(run_dir, out, keep_identifiers=keep_identifiers, images_dir=images)
+    except ExportError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    for item in result.written:
+        typer.echo(f"wrote   {item.path}  ({item.image_key}, {item.finding}, {item.method})")
+    for image_key, reason in sorted(set(result.skipped)):
+        typer.echo(f"skipped {image_key}: {reason}")
+    typer.echo(f"{len(result.written)} Parametric Map(s) in {out}, "
+               f"{len(set(result.skipped))} image(s) skipped")
+
+
 def entry() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -25,17 +25,19 @@ from audit.phantom import (
 from flows.audit import audit_flow_body, ingest_flow, report_and_finish
 
 
-def demo_dataset(out: Path, n_images: int, seed: int) -> Any:
+def demo_dataset(out: Path, n_images: int, seed: int, n_dicom: int = 0) -> Any:
     """The one phantom test set the three models are audited on: the laterality marker
     accompanies every Mass (the spurious correlation holds, as at the site where the shortcut
     was learned) and the Masses are visible, so a model that localizes must look past the
-    marker, and the shortcut model is right for the wrong reason."""
+    marker, and the shortcut model is right for the wrong reason. The demo writes no DICOM
+    (``n_dicom``: the first images also as DICOMs, for the DICOM export's tests)."""
     from audit.phantom.dataset import write_phantom_dataset
     from audit.phantom.generate import FINDINGS, PhantomConfig
 
     config = PhantomConfig(marker_with_mass=True,
                            prevalence={f: DEMO_PREVALENCE for f in FINDINGS})
-    return write_phantom_dataset(out, n_images=n_images, seed=seed, n_dicom=0, config=config)
+    return write_phantom_dataset(out, n_images=n_images, seed=seed, n_dicom=n_dicom,
+                                 config=config)
 
 
 def reference_models() -> dict[str, dict[str, Any]]:

@@ -113,3 +113,26 @@ def test_calibration_fails_with_the_honest_run_as_the_shortcut_one(demo_out) -> 
     swapped = _calibrate(runs["honest"], runs["honest"], runs["random"])
     assert swapped.exit_code == 1, swapped.output
     assert "[FAIL] shortcut" in swapped.output
+
+
+def test_every_demo_run_verifies_and_a_flipped_byte_does_not(demo_out, tmp_path: Path) -> None:
+    """`cxr-audit verify` on each finished demo run exits 0 (registry, images, re-derived
+    tables included); one flipped byte in a copy of the honest run exits 1 naming the file."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    runs = _runs(demo_out[0])
+    for kind, run_dir in runs.items():
+        result = CliRunner().invoke(app, ["verify", str(run_dir)])
+        assert result.exit_code == 0, (kind, result.output)
+        for check in ("files", "per_pathology.csv", "registry", "images"):
+            assert f"OK   {check}: " in result.output, (kind, check, result.output)
+    copy = Path(shutil.copytree(runs["honest"], tmp_path / "honest"))
+    data = bytearray((copy / "per_pathology.csv").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "per_pathology.csv").write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1 and "per_pathology.csv changed" in result.output

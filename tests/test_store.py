@@ -165,8 +165,10 @@ def test_run_directory_writes_to_staging_and_finish_renames(tmp_path):
     run.write_table(_sample_table(), "boxes.parquet")
     run.write_table(_sample_table(), "per_pathology.csv")
     run.write_json("run.json", {"run_id": "run-1"})
+    (run.staging / "thumbs").mkdir()
+    (run.staging / "thumbs" / "a.png").write_bytes(b"written after run.json")
     assert sorted(p.name for p in run.staging.iterdir()) == [
-        "boxes.parquet", "per_pathology.csv", "run.json"]
+        "boxes.parquet", "per_pathology.csv", "run.json", "thumbs"]
     assert not run.final.exists()  # nothing visible under the run id until finish()
     with pytest.raises(RunDirectoryError):
         read_run_json(run.staging.parent / "run-1")
@@ -175,8 +177,11 @@ def test_run_directory_writes_to_staging_and_finish_renames(tmp_path):
     assert final == tmp_path / "reports" / "run-1"
     assert not run.staging.exists()
     assert sorted(p.name for p in final.iterdir()) == [
-        "boxes.parquet", "per_pathology.csv", "run.json"]
-    assert read_run_json(final) == {"run_id": "run-1"}
+        "boxes.parquet", "per_pathology.csv", "run.json", "thumbs"]
+    # finish() sealed run.json: the sha256 of every other file, sub-folders included
+    sealed = {name: hashlib.sha256((final / name).read_bytes()).hexdigest()
+              for name in ("boxes.parquet", "per_pathology.csv", "thumbs/a.png")}
+    assert read_run_json(final) == {"run_id": "run-1", "files": sealed}
     # only the finished directory is left in the root: no temp files, no staging folder
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["run-1"]
 

@@ -22,7 +22,12 @@ from audit.metrics.aggregation import aggregate_per_pathology, paired_difference
 from audit.metrics.criteria import evaluate_criteria
 from audit.protocol import BEATS
 from audit.run.plan import Selection
-from audit.run.provenance import code_section, dataset_section, model_section
+from audit.run.provenance import (
+    code_section,
+    dataset_section,
+    environment_section,
+    model_section,
+)
 from audit.store.rundir import (
     BOX_GEOMETRY,
     REJECT_COLUMNS,
@@ -170,6 +175,7 @@ def run_json(run: RunDirectory, batch_dirs: list[Path], ctx: RunContext,
         "device": str(model.device),
         "cuda": model.provenance.get("cuda") if model.device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
+        "environment": environment_section(settings),
         "host": ctx.host,
         "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
         "acceptance_criteria": settings.acceptance,

@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_table",
+    "table_bytes",
     "write_npz",
     "float_or_nan",
 ]
@@ -97,16 +98,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a table as Parquet or CSV (by suffix; CSV with ``\\n`` line ends, no index)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
+def table_bytes(df: pd.DataFrame, suffix: str) -> bytes:
+    """A table's bytes as Parquet or CSV (by ``suffix``; CSV with ``\\n`` line ends, no index)."""
+    if suffix == ".parquet":
         buffer = io.BytesIO()
         df.to_parquet(buffer, index=False)
-        return atomic_write_bytes(path, buffer.getvalue())
-    if path.suffix == ".csv":
-        return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
-    raise ValueError(f"unsupported table format: {path.suffix}")
+        return buffer.getvalue()
+    if suffix == ".csv":
+        return df.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    raise ValueError(f"unsupported table format: {suffix}")
+
+
+def atomic_write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a table as Parquet or CSV (by suffix, `table_bytes`)."""
+    path = Path(path)
+    return atomic_write_bytes(path, table_bytes(df, path.suffix))
 
 
 def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Path:

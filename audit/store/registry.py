@@ -104,36 +104,28 @@ class Registry:
 
     def record_run(self, run_dir: Path) -> str:
         """Insert (or replace) the rows of one finished run directory."""
-        run = read_run_json(run_dir)
-        per_pathology = read_table(run_dir, "per_pathology")
-        run_id = run["run_id"]
-        row = {
-            "run_id": run_id,
-            "started_at": _parse_time(run.get("started_at")),
-            "finished_at": _parse_time(run.get("finished_at")),
-            "status": run.get("status", ""),
-            "model_name": run["model"]["name"],
-            "model_fingerprint": run["model"]["fingerprint"],
-            "dataset_name": run["dataset"]["name"],
-            "manifest_sha256": run["dataset"]["manifest_sha256"],
-            "n_images": int(run["dataset"].get("n_images") or 0),
-            "n_boxes": int(run["dataset"].get("n_boxes") or 0),
-            "run_dir": str(Path(run_dir).resolve()),
-            "settings_json": json.dumps(run.get("settings", {}), sort_keys=True, default=str),
-        }
+        row = run_row(run_dir)
+        run_id = row["run_id"]
+        results = result_rows(run_id, read_table(run_dir, "per_pathology"))
         with self.engine.begin() as conn:
             conn.execute(delete(results_table).where(results_table.c.run_id == run_id))
             conn.execute(delete(runs_table).where(runs_table.c.run_id == run_id))
             conn.execute(insert(runs_table), [row])
-            if per_pathology is not None and len(per_pathology):
-                rows = []
-                for record in per_pathology.to_dict("records"):
-                    item = {"run_id": run_id}
-                    for name in RESULT_COLUMNS:
-                        item[name] = _clean(record.get(name))
-                    rows.append(item)
-                conn.execute(insert(results_table), rows)
+            if results:
+                conn.execute(insert(results_table), results)
         return run_id
+
+    def recorded(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """(the run's row, its result rows) as recorded, or None when the run is not recorded;
+        `run_row` and `result_rows` give what they should hold."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs_table).where(runs_table.c.run_id == run_id)
+                               ).mappings().first()
+            if row is None:
+                return None
+            results = conn.execute(select(results_table)
+                                   .where(results_table.c.run_id == run_id)).mappings().all()
+        return dict(row), [dict(r) for r in results]
 
     def history(self) -> pd.DataFrame:
         with self.engine.connect() as conn:
@@ -206,6 +198,33 @@ class Registry:
         table = compare_runs(old, new, *boxes, seed=seed,
                              cannot=reasons[0] if reasons else "")
         return table, notes
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """The ``runs`` row of a run directory, from its run.json."""
+    run = read_run_json(run_dir)
+    return {
+        "run_id": run["run_id"],
+        "started_at": _parse_time(run.get("started_at")),
+        "finished_at": _parse_time(run.get("finished_at")),
+        "status": run.get("status", ""),
+        "model_name": run["model"]["name"],
+        "model_fingerprint": run["model"]["fingerprint"],
+        "dataset_name": run["dataset"]["name"],
+        "manifest_sha256": run["dataset"]["manifest_sha256"],
+        "n_images": int(run["dataset"].get("n_images") or 0),
+        "n_boxes": int(run["dataset"].get("n_boxes") or 0),
+        "run_dir": str(Path(run_dir).resolve()),
+        "settings_json": json.dumps(run.get("settings", {}), sort_keys=True, default=str),
+    }
+
+
+def result_rows(run_id: str, per_pathology: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """The ``pathology_results`` rows of a run's ``per_pathology`` table."""
+    if per_pathology is None or not len(per_pathology):
+        return []
+    return [{"run_id": run_id, **{name: _clean(record.get(name)) for name in RESULT_COLUMNS}}
+            for record in per_pathology.to_dict("records")]
 
 
 def _widen_verdict_column(engine: Engine) -> None:
