@@ -5,9 +5,11 @@ judge the pointing game). One unit per image and finding, as the verdicts count 
 boxes of one finding: the pointing game is a hit when any box is hit, and the distance is the
 nearest box's; IoU and IoBB are the best box's); the row shown is the best-matching box.
 
-Per group the cases are, best first: ``best hit``, ``typical hit`` (median of the hits), ``median``
-(median of all units), ``typical miss`` (median of the misses) and ``worst miss``; a unit chosen
-twice is shown once, under its first name. The assembly keeps the maps of exactly these cases.
+Per group the cases are, best first: ``best hit``, ``typical hit`` (the lower median of the
+hits), ``median`` (the lower median of all units), ``typical miss`` (the lower median of the
+misses) and ``worst miss``; a unit that is two cases is shown once, under the name that comes
+first in `CASE_PRIORITY` (the median case is always shown). The assembly keeps the maps of
+exactly these cases.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import pandas as pd
 from audit.protocol import BASELINE_NAMES, DEFAULT_CRITERIA
 
 CASES: tuple[str, ...] = ("best hit", "typical hit", "median", "typical miss", "worst miss")
+#: Which name a row that is two cases keeps.
+CASE_PRIORITY: tuple[str, ...] = ("median", "best hit", "worst miss", "typical hit",
+                                  "typical miss")
 #: Ranking metrics: the per-box column and whether a larger value is better.
 RANK_COLUMNS: dict[str, str] = {"pointing": "pointing_hit", "iou": "iou", "iobb": "iobb",
                                 "coverage": "coverage"}
@@ -48,10 +53,12 @@ def _units(boxes: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     keys = [*group, "image_key"]
     df = boxes.assign(_hit=boxes["pointing_hit"].astype(str).str.lower().isin(("true", "1",
                                                                               "1.0")),
-                      _dist=pd.to_numeric(boxes["pointing_distance"], errors="coerce"))
+                      _dist=pd.to_numeric(boxes.get("pointing_distance", np.nan),
+                                          errors="coerce"))
     per_unit = df.groupby(keys, sort=False, dropna=False).agg(
         _hit=("_hit", "max"), _dist=("_dist", "min")).reset_index()
-    best = df[df["best_match"].fillna(False).astype(bool)].drop(columns=["_hit", "_dist"])
+    best_match = df["best_match"] if "best_match" in df else pd.Series(True, index=df.index)
+    best = df[best_match.fillna(False).astype(bool)].drop(columns=["_hit", "_dist"])
     best = best.drop_duplicates(keys)
     return best.merge(per_unit, on=keys, how="left")
 
@@ -80,22 +87,22 @@ def rank_units(boxes: pd.DataFrame, metric: str, hit_at: float,
 
 
 def _pick(sub: pd.DataFrame) -> list[tuple[str, int]]:
-    """(case, row position) per case of one group, in `CASES` order, each row once."""
+    """(case, row position) per case of one group, best first, each row once: a row that is
+    two cases keeps the first name of `CASE_PRIORITY` (the median case is always shown)."""
     hits = np.flatnonzero(sub["_is_hit"].to_numpy())
     misses = np.flatnonzero(~sub["_is_hit"].to_numpy())
     n = len(sub)
-    wanted = [("best hit", hits[0] if len(hits) else None),
-              ("typical hit", hits[(len(hits) - 1) // 2] if len(hits) else None),
-              ("median", (n - 1) // 2 if n else None),
-              ("typical miss", misses[(len(misses) - 1) // 2] if len(misses) else None),
-              ("worst miss", misses[-1] if len(misses) else None)]
-    seen: set[int] = set()
-    out = []
-    for case, pos in wanted:
-        if pos is not None and int(pos) not in seen:
-            seen.add(int(pos))
-            out.append((case, int(pos)))
-    return out
+    positions = {"best hit": hits[0] if len(hits) else None,
+                 "typical hit": hits[(len(hits) - 1) // 2] if len(hits) else None,
+                 "median": (n - 1) // 2 if n else None,
+                 "typical miss": misses[(len(misses) - 1) // 2] if len(misses) else None,
+                 "worst miss": misses[-1] if len(misses) else None}
+    named: dict[int, str] = {}
+    for case in CASE_PRIORITY:
+        pos = positions[case]
+        if pos is not None:
+            named.setdefault(int(pos), case)
+    return [(case, pos) for pos, case in sorted(named.items())]
 
 
 def select_cases(boxes: pd.DataFrame | None, metric: str = "pointing", hit_at: float = 1.0,

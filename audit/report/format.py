@@ -69,8 +69,7 @@ def p_value(p: Any, n: Any) -> dict:
     if not math.isfinite(count) or count < MIN_PAIRS_FOR_P:
         shown = "?" if not math.isfinite(count) else str(int(count))
         return {"text": "not shown", "value": "nan",
-                "reason": f"n = {shown} < {MIN_PAIRS_FOR_P} pairs: too few for a bootstrap "
-                          "p-value"}
+                "reason": f"n = {shown} < {MIN_PAIRS_FOR_P}"}
     if not math.isfinite(f):
         return {"text": "–", "value": "nan", "reason": ""}
     text = f"< {P_FLOOR:g}" if f < P_FLOOR else f"{f:.3f}"

@@ -204,25 +204,30 @@ def reference_for(pathology: str, model_finding: str | None, ref: dict) -> dict 
 # ---- paired differences and average maps ------------------------------------------------------
 
 
-def paired_rows(paired: pd.DataFrame | None, names: list[str]) -> list[dict]:
-    """Rows of paired.csv (audit/metrics/aggregation.py ``paired_difference``) for a pathology."""
+def paired_cell(r: dict) -> dict:
+    """One paired difference as shown: difference, CI, n, p-value (suppressed at small n) and
+    whether the CI excludes 0 (None: not judged at small n)."""
+    lo, hi = r.get("diff_lo"), r.get("diff_hi")
+    n = float_or_nan(r.get("n_pairs"))
+    return {"diff": num_cell(r.get("mean_diff")), "lo": num_cell(lo), "hi": num_cell(hi),
+            "n": num_cell(n, integer=True), "p": p_value(r.get("p_boot"), n),
+            "sig": (float_or_nan(lo) > 0 or float_or_nan(hi) < 0)
+            if n >= MIN_PAIRS_FOR_P else None}
+
+
+def paired_rows(paired: pd.DataFrame | None, names: list[str]) -> dict:
+    """paired.csv (audit/metrics/aggregation.py ``paired_difference``) for a pathology: one row
+    per method pair, one cell per metric (``{"metrics": [...], "rows": [...]}``)."""
     if paired is None or paired.empty or "pathology" not in paired:
-        return []
+        return {"metrics": [], "rows": []}
     sub = paired[paired["pathology"].astype(str).isin(names)]
-    rows = []
+    metrics = list(dict.fromkeys(sub["metric"].astype(str))) if "metric" in sub else []
+    rows: dict[tuple[str, str], dict] = {}
     for r in sub.to_dict("records"):
-        lo, hi = r.get("diff_lo"), r.get("diff_hi")
-        n = float_or_nan(r.get("n_pairs"))
-        enough = n >= MIN_PAIRS_FOR_P
-        rows.append({
-            "a": method_label(str(r.get("method_a"))), "b": method_label(str(r.get("method_b"))),
-            "metric": as_text(r.get("metric")), "diff": num_cell(r.get("mean_diff")),
-            "lo": num_cell(lo), "hi": num_cell(hi),
-            "n": num_cell(r.get("n_pairs"), integer=True),
-            "p": p_value(r.get("p_boot"), n),
-            "sig": (float_or_nan(lo) > 0 or float_or_nan(hi) < 0) if enough else None,
-        })
-    return rows
+        a, b = str(r.get("method_a")), str(r.get("method_b"))
+        row = rows.setdefault((a, b), {"a": method_label(a), "b": method_label(b), "cells": {}})
+        row["cells"][as_text(r.get("metric"))] = paired_cell(r)
+    return {"metrics": metrics, "rows": list(rows.values())}
 
 
 def average_map_panel(avg: dict[str, np.ndarray], names: list[str], methods: list[str]) -> dict:
@@ -284,7 +289,7 @@ def pathology_context(data: RunData, b: pd.DataFrame, names: list[str],
         "geometry": geometry,
         "cam_methods": [method_label(m) for m in methods if m in _ctx.CAM_METHODS],
         "model": _ctx.model_figures(data.predictions, b),
-        "subset": [{**r, "label": method_label(r["method"]),
+        "subset": [{**r, "label": method_label(r["method"]), "kind": method_kind(r["method"]),
                     "count": with_count({}, r["pointing_rate"], r["n"]).get("count", "")}
                    for r in _ctx.subset_rows(data.per_pathology_tp, names, methods)],
         "tp_recorded": data.per_pathology_tp is not None,

@@ -73,10 +73,21 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def with_frame(b: pd.DataFrame) -> pd.DataFrame:
+    """The rows with ``width`` / ``height`` (the NIH 1024 px frame where a run did not record
+    them)."""
+    out = b.copy()
+    for col in ("width", "height"):
+        values = pd.to_numeric(out[col], errors="coerce") if col in out else np.nan
+        out[col] = pd.Series(values, index=out.index, dtype=float).fillna(NIH_FRAME_PX)
+    return out
+
+
 def box_geometry(b: pd.DataFrame, image_size: int) -> dict[str, Any]:
     """Box sizes (median width x height in the original frame and scaled to the 1024 frame),
     mean box area share, the CAM grid's IoU ceiling for the median box and the chance pointing
     rate; ``b``: one pathology's box rows (any method)."""
+    b = with_frame(b)
     units = b.drop_duplicates(["image_key", "box_index"])
     w, h = units["box_w"].astype(float), units["box_h"].astype(float)
     fw, fh = units["width"].astype(float), units["height"].astype(float)
@@ -122,7 +133,7 @@ def map_warnings(b: pd.DataFrame, methods: list[str]) -> list[dict[str, Any]]:
     `WHOLE_IMAGE_SHARE` of the image, and of maps that are empty or flat; a warning when either
     reaches `WARN_WHOLE_IMAGE` / `WARN_EMPTY`. One map per image and finding."""
     out = []
-    units = b.drop_duplicates(["image_key", "model_finding", "method"])
+    units = with_frame(b).drop_duplicates(["image_key", "model_finding", "method"])
     for m in methods:
         if m in BASELINE_NAMES:
             continue
