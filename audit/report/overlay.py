@@ -81,7 +81,8 @@ def _finite(values: Sequence) -> bool:
 def draw_expert(draw: ImageDraw.ImageDraw, xyxy: Sequence[float]) -> None:
     x0, y0, x1, y1 = xyxy
     draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], outline=OUTLINE, width=1)
-    draw.rectangle([x0 + 2, y0 + 2, x1 - 2, y1 - 2], outline=OUTLINE, width=1)
+    if x1 - x0 > 6 and y1 - y0 > 6:  # the inner outline of a box too small for one is left out
+        draw.rectangle([x0 + 2, y0 + 2, x1 - 2, y1 - 2], outline=OUTLINE, width=1)
     draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=EXPERT_COLOUR, width=3)
 
 
