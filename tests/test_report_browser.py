@@ -7,7 +7,9 @@ but the file itself, and every <img> decodes. Saves screenshots to test-artifact
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,12 @@ def _require_chromium() -> None:
     if not CHROMIUM.exists():
         missing("chromium", f"{CHROMIUM} is absent: install Debian's chromium "
                             "(apt-get install chromium)")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def open_offline(browser, html: Path):
@@ -242,7 +250,18 @@ def test_print_pdf_uses_the_print_stylesheet(tmp_path):
     pdf = print_pdf(html)
     data = pdf.read_bytes()
     assert pdf == html.with_suffix(".pdf") and data.startswith(b"%PDF")
-    assert len(re.findall(rb"/Type\s*/Page(?!s)", data)) >= 3  # summary, sections, methods...
+    n_pages = len(re.findall(rb"/Type\s*/Page(?!s)", data))
+    assert n_pages >= 3  # summary, sections, methods...
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        missing("chromium", "pypdf is not installed (pip install pypdf)")
+    pages = [page.extract_text() for page in PdfReader(pdf).pages]
+    assert len(pages) == n_pages
+    for i, text in enumerate(pages, start=1):  # the footer: run id, page x of y
+        assert f"page {i} of {n_pages}" in text and "run run-0000-synthetic" in text, i
+    assert "Not computed in this run" in "".join(pages)
+    assert stat.S_IMODE(pdf.stat().st_mode) == 0o666 & ~_umask()
     in_run = render_report(run)  # RUN_DIR/report.html
     print_pdf(in_run)
     with pytest.raises(ReportExistsError):
