@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.protocol import N_NEEDED_CAP, VERDICT_LEGEND
+from audit.protocol import DEFAULT_CRITERIA, N_NEEDED_CAP, VERDICT_LEGEND
 from audit.store.gallery_maps import GalleryMaps
 from audit.store.rundir import RunData, SavedMaps
 
@@ -63,6 +63,13 @@ def _threshold(data: RunData) -> str | None:
         return fmt(boxes["threshold"].dropna().iloc[0], 2)
     settings = sub(data.run, "settings")
     return as_text(settings.get("threshold")) if "threshold" in settings else None
+
+
+def criteria_metrics(run: dict) -> list[str]:
+    """The metrics the run's acceptance criteria read (the default criteria's when none)."""
+    crit = run.get("acceptance_criteria")
+    crit = crit if isinstance(crit, list) and crit else list(DEFAULT_CRITERIA)
+    return list(dict.fromkeys(str(c.get("metric")) for c in crit if isinstance(c, dict)))
 
 
 def footer(run_id: str, report_sha256: str = "") -> dict[str, str]:
@@ -155,6 +162,7 @@ def build_context(data: RunData, previous_run_dir: Path | None = None,
         "colour_gradient": css_gradient(),
         "illustrative_below": ILLUSTRATIVE_BELOW,
         "min_pairs_for_p": MIN_PAIRS_FOR_P,
+        "verdict_metrics": criteria_metrics(run),
         "completeness_flag": _gallery.COMPLETENESS_FLAG,
         "footer": footer(data.run_id),
         "csp": CSP,
