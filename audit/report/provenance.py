@@ -39,7 +39,7 @@ def _flatten(obj: Any, prefix: str = "", limit_list: int | None = None) -> list[
         else:
             out.append((prefix, json.dumps(obj, default=str)))
     else:
-        out.append((prefix, "null" if obj is None else str(obj)))
+        out.append((prefix, "– (not set)" if obj is None else str(obj)))
     return out
 
 
