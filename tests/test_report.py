@@ -25,7 +25,7 @@ from audit.report import (
     render_report,
     render_side_by_side,
 )
-from audit.report.gallery import select_cases
+from audit.report.cases import select_cases
 
 INJECTION = "<script>alert(1)</script>"
 REFERENCE_JSON = Path(__file__).resolve().parents[1] / "audit/report/reference_figures.json"
@@ -172,8 +172,9 @@ def test_every_pathology_has_its_section(published_run, published_report):
     sections = tb.root.find_all("section")
     assert sum(1 for s in sections if s.attrs.get("id", "").startswith("pathology-")) == len(names)
     for sid in ("summary", "repeatability", "randomization", "fidelity", "provenance", "rejects",
-                "change", "methods"):
+                "not-computed", "methods"):
         assert sid in ids
+    assert "change" not in ids  # no previous run: listed as not computed, no empty section
 
 
 def test_headline_numbers_equal_per_pathology_csv(published_run, published_report):
@@ -286,36 +287,62 @@ def test_target_layer_and_references_are_stated(published_report):
         assert ref in html, ref
 
 
-def test_gallery_has_best_median_worst_per_method(published_run, published_report):
+def test_gallery_shows_hits_misses_and_median_per_method(published_run, published_report):
     _, html = published_report
     tb = parse(html)
     (sec,) = tb.root.find_all("section", id="pathology-atelectasis")
-    figures = sec.find_all("figure")
-    cases = [(f.attrs["data-method"], f.attrs["data-case"]) for f in figures
-             if "data-case" in f.attrs]
-    methods = {m for m, _ in cases}
-    assert methods == {"gradcam", "gradcampp", "integrated_gradients", "random", "centre_prior",
-                       "average_box"}
+    figures = [f for f in sec.find_all("figure") if "data-case" in f.attrs]
+    methods = {f.attrs["data-method"] for f in figures}
+    assert methods == {"gradcam", "gradcampp", "integrated_gradients"}  # baselines: no gallery
+    boxes = pd.read_parquet(published_run / "boxes.parquet")
+    atel = boxes[boxes["pathology"] == "Atelectasis"]
     for m in methods:
-        assert [c for mm, c in cases if mm == m] == ["best", "median", "worst"]
-    maps = {f.attrs["data-method"]: f.attrs["data-has-map"] for f in figures
-            if "data-case" in f.attrs}
-    assert maps["gradcam"] == "yes" and maps["random"] == "no"
-    assert "Maps for this method are not stored in this run: boxes only." in sec.all_text()
+        cases = [f.attrs["data-case"] for f in figures if f.attrs["data-method"] == m]
+        hits = [f.attrs["data-hit"] for f in figures if f.attrs["data-method"] == m]
+        assert "median" in cases and cases[0] == "best hit" and cases[-1].endswith("miss")
+        assert hits[0] == "yes" and hits[-1] == "no"
+        units = atel[atel["method"] == m].groupby("image_key")["pointing_hit"].any()
+        (h4,) = [g.find_all("h4")[0] for g in sec.find_all("div")
+                 if g.attrs.get("data-method") == m and "method-gallery" in g.attrs["class"]]
+        assert f"{int(units.sum())}/{len(units)} hits" in h4.all_text()
+    assert {f.attrs["data-has-map"] for f in figures} == {"yes"}  # maps/ of an older run
     captions = " ".join(f.all_text() for f in figures)
     assert "p(Atelectasis) = " in captions and "IoU " in captions and "pointing " in captions
+    for f in figures:  # a larger view without script: the image links to its own figure
+        (a,) = [n for n in f.iter() if n.tag == "a" and "enlarge" in n.attrs.get("class", "")]
+        assert a.attrs["href"] == "#" + f.attrs["id"]
 
 
-def test_select_cases_orders_by_iou_with_nan_last():
-    df = pd.DataFrame({
-        "image_key": ["a", "b", "c", "d", "e"], "finding": ["X"] * 5, "method": ["m"] * 5,
-        "box_index": [0] * 5, "iou": [0.2, float("nan"), 0.9, 0.5, 0.4],
-        "iobb": [0.3, 0.0, 0.9, 0.6, 0.5],
-    })
-    got = select_cases(df)
-    assert list(got["case"]) == ["best", "median", "worst"]
-    assert list(got["image_key"]) == ["c", "e", "b"]
-    assert list(select_cases(df.iloc[:1])["case"]) == ["best"]
+def _units(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame([{"image_key": k, "pathology": "X", "finding": "X", "model_finding": "X",
+                          "method": "m", "box_index": b, "best_match": best, "iou": iou,
+                          "iobb": iou, "pointing_hit": hit, "pointing_distance": dist}
+                         for k, b, best, iou, hit, dist in rows])
+
+
+def test_select_cases_ranks_by_the_pointing_game_the_verdict_reads():
+    # a: hit, IoU 0.1; b: miss 5 px off, IoU 0.9; c: miss 40 px off; d: hit on its second box
+    # (the best-matching box by IoU is a miss), IoU 0.3; e: miss 10 px off
+    boxes = _units([("a", 0, True, 0.1, True, 0.0), ("b", 0, True, 0.9, False, 5.0),
+                    ("c", 0, True, 0.2, False, 40.0), ("d", 0, True, 0.3, False, 12.0),
+                    ("d", 1, False, 0.05, True, 0.0), ("e", 0, True, 0.4, False, 10.0)])
+    got = select_cases(boxes, "pointing", 1.0)
+    # ranking: d (hit, IoU 0.3), a (hit, 0.1), b (5 px), e (10 px), c (40 px)
+    # hits d, a: the typical hit (lower median) is d, the best hit, shown once
+    assert list(got["case"]) == ["best hit", "median", "typical miss", "worst miss"]
+    assert list(got["image_key"]) == ["d", "b", "e", "c"]
+    assert list(got["is_hit"]) == [True, False, False, False]
+    assert set(got["n_hits"]) == {2} and set(got["n_units"]) == {5}
+    assert got.iloc[0]["box_index"] == 0  # the best-matching box is the one drawn
+    # ranked by IoU (an IoU criterion) the order is b, e, d, c, a: hits at IoU >= 0.25
+    by_iou = select_cases(boxes, "iou", 0.25)
+    assert list(by_iou["image_key"]) == ["b", "e", "d", "c", "a"]
+    assert list(by_iou["case"]) == ["best hit", "typical hit", "median", "typical miss",
+                                    "worst miss"]
+    # a median that is also the best hit keeps the name "median"
+    two = select_cases(boxes[boxes["image_key"].isin(["a", "b"])], "pointing", 1.0)
+    assert list(two["case"]) == ["median", "worst miss"] and list(two["image_key"]) == ["a", "b"]
+    assert list(select_cases(boxes.iloc[:1], "pointing", 1.0)["case"]) == ["median"]
 
 
 # ---- safety: escaping, network, PHI --------------------------------------------------------
@@ -427,14 +454,18 @@ def test_absent_files_are_reported_as_not_computed(tmp_path):
                         with_average_maps=False, with_thumbs=False, with_rejects=False,
                         with_paired=False)
     html = render_report(run, tmp_path / "out" / "report.html").read_text()
-    for text in ("Repeatability: not computed in this run.",
-                 "Randomization curves: not computed in this run.",
-                 "Deletion / insertion: not computed in this run.",
-                 "Average maps: not computed in this run.",
-                 "Maps for this method are not stored in this run: boxes only.",
-                 "Some thumbnails are not stored in this run",
-                 "Rejects table: not recorded in this run.",
-                 "No previous run of this model and dataset was given."):
+    tb = parse(html)
+    (listing,) = tb.root.find_all("section", id="not-computed")
+    items = [li.all_text() for li in listing.find_all("li")]
+    assert items == ["Repeatability", "Randomization sensitivity",
+                     "Fidelity: deletion and insertion", "Integrated Gradients completeness",
+                     "Rejected inputs (no rejects table recorded)",
+                     "Change since the previous run (no previous run was given)",
+                     "Mass: average maps", "Nodule: average maps"]
+    ids = {n.attrs.get("id") for n in tb.root.iter()}
+    assert not ids & {"repeatability", "randomization", "fidelity", "rejects", "change"}
+    assert "not computed in this run." not in html  # no section of one sentence
+    for text in ("This run kept no map of these cases", "Some thumbnails are not stored"):
         assert text in html, text
     assert_no_remote_references(html)
 
@@ -446,7 +477,7 @@ def test_run_with_only_run_json_and_per_pathology_renders(tmp_path):
         (run / name).unlink()
     html = render_report(run, tmp_path / "out" / "report.html").read_text()
     assert 'id="pathology-mass"' in html and 'id="pathology-nodule"' in html
-    assert "Gallery: per-box scores not computed in this run." in html
+    assert "<li>Mass: per-box scores, average maps, gallery</li>" in html
 
 
 def test_hit_rate_cis_and_paired_differences_are_read_as_written(tmp_path):
@@ -568,7 +599,7 @@ def test_report_for_984_boxes_stays_under_25_mb(tmp_path, record_property):
                         curve_images=40, published=True)
     boxes = pd.read_parquet(run / "boxes.parquet")
     assert len(boxes[["image_key", "finding", "box_index"]].drop_duplicates()) == 984
-    chosen = select_cases(boxes[boxes["best_match"]], ("finding", "method"))
+    chosen = select_cases(boxes)
     add_thumbnails(run, chosen["image_key"])
     add_maps(run, zip(chosen["image_key"], chosen["finding"], strict=True))
     path = render_report(run, tmp_path / "out" / "report.html")
@@ -579,8 +610,8 @@ def test_report_for_984_boxes_stays_under_25_mb(tmp_path, record_property):
     html = path.read_text()
     tb = parse(html)
     figures = [n for n in tb.root.iter() if n.tag == "figure" and "data-case" in n.attrs]
-    assert len(figures) == 8 * 6 * 3
-    assert sum(f.attrs["data-has-map"] == "yes" for f in figures) == 8 * 3 * 3
+    assert len(figures) == len(chosen) and 8 * 3 * 3 <= len(figures) <= 8 * 3 * 5
+    assert all(f.attrs["data-has-map"] == "yes" for f in figures)
     assert "Some thumbnails are not stored" not in html
 
 

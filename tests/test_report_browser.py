@@ -6,7 +6,10 @@ but the file itself, and every <img> decodes. Saves screenshots to test-artifact
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,12 @@ def _require_chromium() -> None:
     if not CHROMIUM.exists():
         missing("chromium", f"{CHROMIUM} is absent: install Debian's chromium "
                             "(apt-get install chromium)")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def open_offline(browser, html: Path):
@@ -103,7 +112,7 @@ def test_report_renders_offline_without_errors_or_requests(rendered):
             assert others == [], others
             assert rec["blocked"] == [] and rec["failed"] == []
             imgs = images_state(page)
-            assert len(imgs) >= 8 * (7 + 18) + 2  # avg maps + galleries per pathology + curves
+            assert len(imgs) >= 8 * (7 + 3 * 3) + 2  # avg maps + galleries + curves
             bad = [i for i in imgs if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
             assert bad == [], bad[:5]
             assert page.evaluate("() => document.querySelectorAll('svg.chart').length") >= 16
@@ -122,6 +131,92 @@ def test_report_renders_offline_without_errors_or_requests(rendered):
         finally:
             browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+#: Pixels of one overlay, read back in the page: [[r, g, b], ...] at the given points.
+READ_PIXELS = """([id, points]) => {
+  const img = document.getElementById(id).querySelector('img');
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  return points.map(([x, y]) => Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3)));
+}"""
+
+
+def _near(rgb, want, tol=70) -> bool:
+    return max(abs(int(a) - int(b)) for a, b in zip(rgb, want, strict=True)) <= tol
+
+
+def test_gallery_overlays_load_with_colour_bar_maximum_and_both_boxes(rendered, tmp_path):
+    """Every gallery image decodes; on each overlay the expert box (magenta), the predicted box
+    (black and white dashes) and the colour bar (viridis, yellow at the top) are drawn where the
+    run's boxes say; the page carries the colour-bar legend; a click opens the larger view."""
+    import pandas as pd
+
+    from audit.report.overlay import BAR_MARGIN, BAR_WIDTH, EXPERT_COLOUR, GALLERY_SIZE, colour_lut
+
+    sync_playwright = _sync_playwright()
+    boxes = pd.read_parquet(rendered.parent.parent / "run" / "boxes.parquet")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            context, page, url, rec = open_offline(browser, rendered)
+            figures = page.evaluate(
+                "() => Array.from(document.querySelectorAll('.gallery figure')).map(f => ({"
+                "id: f.id, image: f.dataset.image, method: f.dataset.method, box: f.dataset.box,"
+                "finding: f.dataset.finding,"
+                "map: f.dataset.hasMap, w: f.querySelector('img').naturalWidth,"
+                "h: f.querySelector('img').naturalHeight,"
+                "complete: f.querySelector('img').complete}))")
+            assert len(figures) >= 8 * 3 * 3
+            assert all(f["complete"] and f["w"] > 0 for f in figures)
+            assert {f["map"] for f in figures} == {"yes"}
+            assert page.locator("section.pathology .colour-bar").count() >= 8 * 2
+            gradient = page.evaluate("() => getComputedStyle(document.querySelector("
+                                     "'.colour-bar')).backgroundImage")
+            assert gradient.startswith("linear-gradient")
+            yellow, dark = colour_lut()[255], colour_lut()[0]
+            s = GALLERY_SIZE / 1024.0
+            for f in figures:
+                row = boxes[(boxes["image_key"] == f["image"]) & (boxes["method"] == f["method"])
+                            & (boxes["finding"] == f["finding"])
+                            & (boxes["box_index"] == int(f["box"]))].iloc[0]
+                x, y, w, h = (float(row[c]) * s for c in ("box_x", "box_y", "box_w", "box_h"))
+                px, py, pw, ph = (float(row[c]) * s for c in ("pred_x", "pred_y", "pred_w",
+                                                              "pred_h"))
+                bar_x = f["w"] - 64 + BAR_MARGIN + BAR_WIDTH // 2
+                expert = [[round(x), round(y + h * t / 10)] for t in range(2, 9)]
+                expert += [[round(x + w * t / 10), round(y)] for t in range(2, 9)]
+                points = [[bar_x, BAR_MARGIN + 2], [bar_x, f["h"] - BAR_MARGIN - 3], *expert]
+                if math.isfinite(pw) and pw > 30 and ph > 30:  # the predicted box's four edges
+                    edge = [(px + pw * t / 40, yy) for t in range(4, 37) for yy in (py, py + ph)]
+                    edge += [(xx, py + ph * t / 40) for t in range(4, 37) for xx in (px, px + pw)]
+                    points += [[min(f["w"] - 65, round(a)), min(f["h"] - 1, round(b))]
+                               for a, b in edge]
+                got = page.evaluate(READ_PIXELS, [f["id"], points])
+                assert _near(got[0], yellow, 40) and _near(got[1], dark, 40), (f, got[:2])
+                on_edge = [_near(c, EXPERT_COLOUR) for c in got[2:2 + len(expert)]]
+                assert sum(on_edge) >= len(on_edge) // 2, (f, got[2:2 + len(expert)])
+                dashes = got[2 + len(expert):]
+                if dashes:
+                    assert any(min(c) > 200 for c in dashes), (f, "no white dash")
+                    assert any(max(c) < 60 for c in dashes), (f, "no black dash")
+            # a click opens the larger view: the figure becomes the :target, fixed and wide
+            first = page.locator(".gallery figure a.enlarge").first
+            first.click()
+            assert page.evaluate("() => location.hash") == "#" + figures[0]["id"]
+            shown = page.evaluate("(id) => { const f = document.getElementById(id);"
+                                  "return [getComputedStyle(f).position,"
+                                  " f.querySelector('img').getBoundingClientRect().width]; }",
+                                  figures[0]["id"])
+            assert shown[0] == "fixed" and shown[1] > 400
+            page.screenshot(path=str(tmp_path / "enlarged.png"))
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "report-enlarged.png"))
+            context.close()
+        finally:
+            browser.close()
 
 
 def test_side_by_side_renders_offline(tmp_path):
@@ -155,7 +250,18 @@ def test_print_pdf_uses_the_print_stylesheet(tmp_path):
     pdf = print_pdf(html)
     data = pdf.read_bytes()
     assert pdf == html.with_suffix(".pdf") and data.startswith(b"%PDF")
-    assert len(re.findall(rb"/Type\s*/Page(?!s)", data)) >= 3  # summary, sections, methods...
+    n_pages = len(re.findall(rb"/Type\s*/Page(?!s)", data))
+    assert n_pages >= 3  # summary, sections, methods...
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        missing("chromium", "pypdf is not installed (pip install pypdf)")
+    pages = [page.extract_text() for page in PdfReader(pdf).pages]
+    assert len(pages) == n_pages
+    for i, text in enumerate(pages, start=1):  # the footer: run id, page x of y
+        assert f"page {i} of {n_pages}" in text and "run run-0000-synthetic" in text, i
+    assert "Not computed in this run" in "".join(pages)
+    assert stat.S_IMODE(pdf.stat().st_mode) == 0o666 & ~_umask()
     in_run = render_report(run)  # RUN_DIR/report.html
     print_pdf(in_run)
     with pytest.raises(ReportExistsError):

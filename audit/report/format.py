@@ -14,6 +14,13 @@ from audit.protocol import BASELINE_NAMES, HIT_THRESHOLDS, METHOD_LABELS, METHOD
 from audit.store.files import float_or_nan
 
 DECIMALS = 3
+#: Sections and rows resting on fewer images than this are labelled illustrative.
+ILLUSTRATIVE_BELOW = 5
+#: Paired differences on fewer pairs than this show no p-value and no "CI excludes 0" (a
+#: bootstrap over so few pairs has only a handful of distinct resamples).
+MIN_PAIRS_FOR_P = 10
+#: p-values below this print as "< 0.001".
+P_FLOOR = 0.001
 #: The hit thresholds as they appear in column names (``iobb_hit_0.1_rate``).
 THRESHOLDS: tuple[str, ...] = tuple(f"{t:g}" for t in HIT_THRESHOLDS)
 
@@ -45,6 +52,48 @@ def num_cell(v: Any, decimals: int = DECIMALS, integer: bool = False) -> dict:
     if integer:
         return {"value": str(int(round(f))), "text": str(int(round(f)))}
     return {"value": repr(f), "text": f"{f:.{decimals}f}"}
+
+
+def with_count(cell: dict, rate: Any, n: Any) -> dict:
+    """A rate cell with its count: ``0.543`` becomes ``0.543 (38/70)`` (``count`` key)."""
+    r, total = float_or_nan(rate), float_or_nan(n)
+    if math.isfinite(r) and math.isfinite(total) and total > 0:
+        cell = {**cell, "count": f"{int(round(r * total))}/{int(round(total))}"}
+    return cell
+
+
+def p_value(p: Any, n: Any) -> dict:
+    """A p-value as shown: ``{"text", "value", "reason"}``; "< 0.001" below `P_FLOOR`, and no
+    number (with the reason) on fewer than `MIN_PAIRS_FOR_P` pairs."""
+    f, count = float_or_nan(p), float_or_nan(n)
+    if not math.isfinite(count) or count < MIN_PAIRS_FOR_P:
+        shown = "?" if not math.isfinite(count) else str(int(count))
+        return {"text": "not shown", "value": "nan",
+                "reason": f"n = {shown} < {MIN_PAIRS_FOR_P}"}
+    if not math.isfinite(f):
+        return {"text": "–", "value": "nan", "reason": ""}
+    text = f"< {P_FLOOR:g}" if f < P_FLOOR else f"{f:.3f}"
+    return {"text": text, "value": repr(f), "reason": ""}
+
+
+def timestamp(value: Any) -> str:
+    """An ISO time as ``YYYY-MM-DD HH:MM:SS`` and its zone (``UTC`` or ``+hh:mm``); text that
+    is not an ISO time is returned as it is, empty stays empty."""
+    import datetime as _dt
+
+    text = as_text(value)
+    if not text:
+        return ""
+    try:
+        t = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if t.tzinfo is None:
+        return t.strftime("%Y-%m-%d %H:%M:%S") + " (time zone not recorded)"
+    offset = t.utcoffset()
+    zone = "UTC" if offset == _dt.timedelta(0) else t.strftime("%z")[:3] + ":" + \
+        t.strftime("%z")[3:]
+    return t.strftime("%Y-%m-%d %H:%M:%S ") + zone
 
 
 def arrow(delta: float) -> tuple[str, str]:

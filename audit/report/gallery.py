@@ -1,8 +1,9 @@
 """Localization galleries: thumbnails with the saliency map overlaid and the boxes drawn.
 
-Everything here reads only what a finished run directory holds (``thumbs/``, ``maps/``,
-``average_maps.npz``, named as ``audit.store.rundir`` names them) and returns small inline images
-as ``data:`` URIs. Nothing is recomputed: the boxes, scores and maps are the run's own.
+Everything here reads only what a finished run directory holds (``thumbs/``,
+``gallery_maps.npz`` or, for runs written before it existed, ``maps/``, and ``average_maps.npz``,
+named as ``audit.store.rundir`` names them) and returns inline images as ``data:`` URIs. Nothing
+is recomputed: the boxes, scores and maps are the run's own. Drawing: `audit.report.overlay`.
 """
 
 from __future__ import annotations
@@ -15,39 +16,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from audit.protocol import METHOD_LABELS
 from audit.store.files import float_or_nan
+from audit.store.gallery_maps import MAGNITUDE_METHODS, GalleryMaps, display_map, map_peak
 from audit.store.rundir import SavedMaps, thumbnail_path
 
-GALLERY_SIZE = 192  # px, longest side of a gallery overlay
+from .overlay import heat_rgb, overlay_image
+
 TILE_SIZE = 160  # px, side of an average-map tile
-EXPERT_COLOUR = (0, 230, 64)
-PRED_COLOUR = (0, 200, 255)
-CASES = ("best", "median", "worst")
 NIH_LONG_SIDE = 1024.0
-
-
-def _colour_lut(name: str = "jet") -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-
-
-_LUT: dict[str, np.ndarray] = {}
-
-
-def colour_lut(name: str = "jet") -> np.ndarray:
-    if name not in _LUT:
-        _LUT[name] = _colour_lut(name)
-    return _LUT[name]
+#: A relative completeness gap |sum(attr) - (F(x) - F(x'))| / |F(x) - F(x')| above this is
+#: flagged as large (the attributions then do not add up to the logit change they explain).
+COMPLETENESS_FLAG = 0.1
 
 
 def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def encode_image(img: Image.Image, fmt: str = "JPEG", quality: int = 82) -> str:
+def encode_image(img: Image.Image, fmt: str = "JPEG", quality: int = 80) -> str:
     buf = io.BytesIO()
     if fmt == "JPEG":
         img.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
@@ -56,41 +45,7 @@ def encode_image(img: Image.Image, fmt: str = "JPEG", quality: int = 82) -> str:
     return data_uri(buf.getvalue(), "image/png")
 
 
-# ---- case selection -------------------------------------------------------------------------
-
-
-def select_cases(boxes: pd.DataFrame, group_cols: tuple[str, ...] = ("finding", "method")):
-    """Best, median and worst box per group by IoU (ties: IoBB, then image key, box index).
-
-    A NaN IoU ranks below every number. Returns the chosen rows with a ``case`` column; a group
-    with fewer than three boxes yields fewer distinct cases.
-    """
-    if boxes is None or boxes.empty:
-        return pd.DataFrame(columns=[*boxes.columns, "case"] if boxes is not None else ["case"])
-    df = boxes.copy()
-    df["_iou"] = pd.to_numeric(df["iou"], errors="coerce").fillna(-1.0)
-    iobb = df["iobb"] if "iobb" in df else pd.Series(0.0, index=df.index)
-    df["_iobb"] = pd.to_numeric(iobb, errors="coerce").fillna(-1.0)
-    bi = df["box_index"] if "box_index" in df else pd.Series(0, index=df.index)
-    df["_bi"] = pd.to_numeric(bi, errors="coerce").fillna(0)
-    df["_key"] = df["image_key"].astype(str)
-    gcols = list(group_cols)
-    df["_g"] = df.groupby(gcols, sort=False, dropna=False).ngroup()
-    df = df.sort_values(["_g", "_iou", "_iobb", "_key", "_bi"],
-                        ascending=[True, False, False, True, True], kind="mergesort")
-    rank = df.groupby("_g", sort=False).cumcount().to_numpy()
-    size = df.groupby("_g", sort=False)["_g"].transform("size").to_numpy()
-    median = (size - 1) // 2
-    case = np.full(len(df), "", dtype=object)
-    case[rank == size - 1] = "worst"
-    case[rank == median] = "median"
-    case[rank == 0] = "best"
-    df["case"] = case
-    res = df[df["case"] != ""].drop(columns=["_iou", "_iobb", "_bi", "_key", "_g"])
-    return res.reset_index(drop=True)
-
-
-# ---- thumbnails and maps --------------------------------------------------------------------
+# ---- original sizes -------------------------------------------------------------------------
 
 
 class OriginalSizes:
@@ -126,74 +81,37 @@ def _finite(v) -> bool:
     return math.isfinite(float_or_nan(v))
 
 
-# ---- drawing --------------------------------------------------------------------------------
+# ---- maps and cases -------------------------------------------------------------------------
 
 
-def heat_rgb(arr: np.ndarray, size: tuple[int, int], cmap: str = "jet"):
-    """Positive part of a map, scaled to its max, resized to ``size``; returns (rgb, alpha)."""
-    a = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0)
-    a = np.maximum(a, 0)
-    m = float(a.max()) if a.size else 0.0
-    a = a / m if m > 0 else np.zeros_like(a)
-    img = Image.fromarray(a.astype(np.float32), mode="F").resize(size, Image.BILINEAR)
-    a = np.clip(np.asarray(img), 0, 1)
-    rgb = colour_lut(cmap)[(a * 255).astype(np.uint8)]
-    return rgb, a
+class MapSource:
+    """A case's display map and maximum: from ``gallery_maps.npz``, else (runs written before
+    it) from ``maps/`` converted the same way (`audit.store.gallery_maps`)."""
 
+    def __init__(self, gallery: GalleryMaps, saved: SavedMaps):
+        self.gallery, self.saved = gallery, saved
 
-def _draw_box(draw: ImageDraw.ImageDraw, box, sx: float, sy: float, colour, dashed=False):
-    x, y, w, h = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return
-    x0, y0, x1, y1 = x * sx, y * sy, (x + w) * sx, (y + h) * sy
-    if not dashed:
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-        return
-    dash = 5
-    for (ax, ay, bx, by) in ((x0, y0, x1, y0), (x1, y0, x1, y1), (x1, y1, x0, y1),
-                             (x0, y1, x0, y0)):
-        length = math.hypot(bx - ax, by - ay)
-        steps = max(1, int(length // dash))
-        for i in range(0, steps, 2):
-            t0, t1 = i / steps, min(1.0, (i + 1) / steps)
-            draw.line([ax + (bx - ax) * t0, ay + (by - ay) * t0,
-                       ax + (bx - ax) * t1, ay + (by - ay) * t1], fill=colour, width=2)
+    def get(self, method: str, key: str, findings: list[str], original: tuple[float, float]
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+        found = self.gallery.get(method, key, findings)
+        if found is not None:
+            return found
+        raw = self.saved.get(method, key, findings)
+        if raw is None:
+            return None
+        x, y, n = map_peak(np.clip(raw, 0, None))
+        h, w = raw.shape
+        peak = np.array([x * original[0] / w, y * original[1] / h, n], dtype=np.float32)
+        return display_map(method, raw), peak
 
-
-def overlay_image(
-    thumb: Image.Image | None,
-    heat: np.ndarray | None,
-    expert_box,
-    pred_box,
-    original_size: tuple[float, float],
-    size: int = GALLERY_SIZE,
-) -> Image.Image:
-    """Thumbnail (or a grey canvas) with the map overlaid, expert box solid, predicted dashed."""
-    ow, oh = original_size
-    if thumb is not None:
-        scale = size / max(thumb.size)
-        tw, th = max(1, round(thumb.size[0] * scale)), max(1, round(thumb.size[1] * scale))
-        base = thumb.convert("L").resize((tw, th), Image.LANCZOS).convert("RGB")
-    else:
-        scale = size / max(ow, oh)
-        tw, th = max(1, round(ow * scale)), max(1, round(oh * scale))
-        base = Image.new("RGB", (tw, th), (48, 48, 48))
-    if heat is not None:
-        rgb, a = heat_rgb(heat, (tw, th))
-        # weak evidence (< 5% of the map's max) leaves the X-ray untinted; strong is 60% opaque
-        alpha = (0.6 * np.clip((a - 0.05) / 0.45, 0, 1))[..., None]
-        mixed = np.asarray(base, dtype=np.float32) * (1 - alpha) + rgb.astype(np.float32) * alpha
-        base = Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8), mode="RGB")
-    draw = ImageDraw.Draw(base)
-    sx, sy = tw / ow, th / oh
-    _draw_box(draw, pred_box, sx, sy, PRED_COLOUR, dashed=True)
-    _draw_box(draw, expert_box, sx, sy, EXPERT_COLOUR)
-    return base
+    def close(self) -> None:
+        self.saved.close()
 
 
 @dataclass
 class GalleryItem:
     case: str
+    anchor: str
     image_key: str
     finding: str
     method: str
@@ -201,46 +119,79 @@ class GalleryItem:
     probability: float
     iou: float
     iobb: float
-    pointing_hit: object
+    pointing_hit: bool
+    pointing_distance: float
+    is_hit: bool
     has_map: bool
     has_thumb: bool
     box_index: int
+    n_tied: int
+    magnitude: bool
+    completeness_rel: float
+
+    @property
+    def completeness_flag(self) -> bool:
+        return math.isfinite(self.completeness_rel) and self.completeness_rel > COMPLETENESS_FLAG
 
 
-def gallery_items(
-    cases: pd.DataFrame, thumbs_dir: Path | None, maps: SavedMaps, sizes: OriginalSizes
-) -> list[GalleryItem]:
+def completeness_lookup(images: pd.DataFrame | None) -> dict[tuple[str, str, str], float]:
+    """Relative completeness gap per (image_key, finding, method) from the images table."""
+    if images is None or not {"completeness_gap", "delta_f"} <= set(images.columns):
+        return {}
+    gap = pd.to_numeric(images["completeness_gap"], errors="coerce").abs()
+    df = pd.to_numeric(images["delta_f"], errors="coerce").abs()
+    rel = (gap / df.where(df > 0)).to_numpy()
+    keys = images[["image_key", "finding", "method"]].astype(str).itertuples(index=False)
+    return {tuple(k): float(r) for k, r in zip(keys, rel, strict=True) if math.isfinite(r)}
+
+
+def _thumb(cache: dict[str, Image.Image | None], thumbs_dir: Path | None, key: str):
+    if key not in cache:
+        p = thumbnail_path(thumbs_dir, key)
+        try:
+            cache[key] = Image.open(p).convert("L") if p is not None else None
+        except OSError:
+            cache[key] = None
+    return cache[key]
+
+
+def _is_true(v) -> bool:
+    return str(v).lower() in ("true", "1", "1.0")
+
+
+def gallery_items(cases: pd.DataFrame, thumbs_dir: Path | None, maps: MapSource,
+                  sizes: OriginalSizes, completeness: dict[tuple[str, str, str], float],
+                  anchor_prefix: str) -> list[GalleryItem]:
+    """One overlay per chosen case (`audit.report.cases.select_cases`)."""
     items = []
-    thumb_cache: dict[str, Image.Image | None] = {}
-    for r in cases.to_dict("records"):
-        key = str(r["image_key"])
-        if key not in thumb_cache:
-            p = thumbnail_path(thumbs_dir, key)
-            try:
-                thumb_cache[key] = Image.open(p).convert("L") if p is not None else None
-            except OSError:
-                thumb_cache[key] = None
-        thumb = thumb_cache[key]
-        findings = [str(r["finding"])]
-        if r.get("model_finding") is not None and str(r.get("model_finding")) not in findings:
-            findings.append(str(r["model_finding"]))
-        heat = maps.get(str(r["method"]), key, findings)
+    thumbs: dict[str, Image.Image | None] = {}
+    for i, r in enumerate(cases.to_dict("records")):
+        key, method = str(r["image_key"]), str(r["method"])
+        thumb = _thumb(thumbs, thumbs_dir, key)
+        findings = list(dict.fromkeys([str(r.get("model_finding") or r["finding"]),
+                                       str(r["finding"])]))
         orig = sizes.get(key, thumb.size if thumb is not None else None)
+        found = maps.get(method, key, findings, orig)
+        magnitude = method in MAGNITUDE_METHODS
+        label = METHOD_LABELS.get(method, method) + (" |attr|" if magnitude else "")
         img = overlay_image(
-            thumb,
-            heat,
+            thumb, found[0] if found else None,
             (r["box_x"], r["box_y"], r["box_w"], r["box_h"]),
             (r.get("pred_x"), r.get("pred_y"), r.get("pred_w"), r.get("pred_h")),
-            orig,
-        )
+            tuple(found[1][:2]) if found else None, orig, label,
+            bar_label="p99" if magnitude else "max")
+        rel = completeness.get((key, findings[0], method), math.nan)
         items.append(GalleryItem(
-            case=r["case"], image_key=key, finding=str(r["finding"]), method=str(r["method"]),
-            src=encode_image(img, "JPEG"),
+            case=str(r["case"]), anchor=f"{anchor_prefix}-{i}", image_key=key,
+            finding=str(r["finding"]), method=method, src=encode_image(img, "JPEG"),
             probability=float_or_nan(r.get("probability")), iou=float_or_nan(r.get("iou")),
-            iobb=float_or_nan(r.get("iobb")), pointing_hit=r.get("pointing_hit"),
-            has_map=heat is not None, has_thumb=thumb is not None,
+            iobb=float_or_nan(r.get("iobb")), pointing_hit=_is_true(r.get("pointing_hit")),
+            pointing_distance=float_or_nan(r.get("pointing_distance")),
+            is_hit=bool(r.get("is_hit")), has_map=found is not None,
+            has_thumb=thumb is not None,
             box_index=int(float_or_nan(r.get("box_index"))) if _finite(r.get("box_index")) else 0,
-        ))
+            n_tied=int(found[1][2]) if found else 0, magnitude=magnitude,
+            completeness_rel=rel))
     return items
 
 
@@ -256,5 +207,7 @@ def average_map_tile(arr: np.ndarray, expert: bool = False, size: int = TILE_SIZ
         img = Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8), mode="L")
         img = img.resize((size, size), Image.BILINEAR)
         return encode_image(img, "PNG")
-    rgb, _ = heat_rgb(arr, (size, size))
+    a = np.clip(np.nan_to_num(np.asarray(arr, dtype=np.float32)), 0, None)
+    m = float(a.max()) if a.size else 0.0
+    rgb, _ = heat_rgb(a / m if m > 0 else a, (size, size))
     return encode_image(Image.fromarray(rgb, mode="RGB"), "JPEG", quality=85)

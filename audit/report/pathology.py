@@ -5,6 +5,7 @@ differences, the average-map panels and the per-pathology section of the report.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,27 @@ import pandas as pd
 from audit.metrics.criteria import format_n_needed, overall_verdict
 from audit.protocol import FAIL, HIT_THRESHOLDS, INCONCLUSIVE, PASS, VERDICTS, method_kind
 from audit.store.files import float_or_nan
-from audit.store.rundir import RunData, SavedMaps, average_map_key, map_key
+from audit.store.rundir import RunData, average_map_key, map_key
 
 from . import gallery as _gallery
+from . import pathology_context as _ctx
 from . import plots as _plots
-from .format import THRESHOLDS, as_text, method_label, method_labels, num_cell, order_methods
+from .cases import ranking_metric, select_cases
+from .format import (
+    ILLUSTRATIVE_BELOW,
+    MIN_PAIRS_FOR_P,
+    THRESHOLDS,
+    as_text,
+    method_label,
+    method_labels,
+    num_cell,
+    order_methods,
+    p_value,
+    with_count,
+)
 
+#: The model input size assumed when run.json's settings do not record one.
+DEFAULT_IMAGE_SIZE = 224
 REFERENCE_FIGURES = Path(__file__).parent / "reference_figures.json"
 
 #: The per_pathology columns a table row shows (as written by audit/metrics/aggregation.py).
@@ -31,6 +47,10 @@ TABLE_COLUMNS = (
     + [f"{p}_{t}_{side}" for t in THRESHOLDS for p in ("iobb_hit", "iou_hit")
        for side in ("lo", "hi")]
 )
+
+#: Rate columns: shown with their count ("0.543 (38/70)").
+RATE_COLUMNS = ["pointing_rate"] + [f"{p}_{t}_rate" for p in ("iobb_hit", "iou_hit")
+                                    for t in THRESHOLDS]
 
 
 # ---- which methods and pathologies ------------------------------------------------------------
@@ -70,6 +90,14 @@ def pathology_names(data: RunData) -> tuple[list[str], list[str]]:
     return sections, aggregate
 
 
+def all_boxes_for(boxes: pd.DataFrame | None, names: list[str]) -> pd.DataFrame:
+    """Every box row (all boxes, not only the best match) of a pathology's names."""
+    if boxes is None or boxes.empty:
+        return pd.DataFrame()
+    cols = boxes[["finding", "model_finding", "pathology"]].astype(str)
+    return boxes[cols.isin(names).any(axis=1)]
+
+
 def boxes_for(boxes: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
     """The scored boxes of one pathology (the best-matching box per image)."""
     if boxes is None or boxes.empty:
@@ -92,6 +120,8 @@ def n_needed_text(r: dict) -> str:
 def table_row(r: dict) -> dict:
     """One per_pathology row as table cells keyed by the run's column names."""
     cells = {c: num_cell(r.get(c), integer=(c == "n")) for c in TABLE_COLUMNS}
+    for c in RATE_COLUMNS:
+        cells[c] = with_count(cells[c], r.get(c), r.get("n"))
     m = str(r.get("method"))
     return {
         "pathology": as_text(r.get("pathology")),
@@ -174,23 +204,30 @@ def reference_for(pathology: str, model_finding: str | None, ref: dict) -> dict 
 # ---- paired differences and average maps ------------------------------------------------------
 
 
-def paired_rows(paired: pd.DataFrame | None, names: list[str]) -> list[dict]:
-    """Rows of paired.csv (audit/metrics/aggregation.py ``paired_difference``) for a pathology."""
+def paired_cell(r: dict) -> dict:
+    """One paired difference as shown: difference, CI, n, p-value (suppressed at small n) and
+    whether the CI excludes 0 (None: not judged at small n)."""
+    lo, hi = r.get("diff_lo"), r.get("diff_hi")
+    n = float_or_nan(r.get("n_pairs"))
+    return {"diff": num_cell(r.get("mean_diff")), "lo": num_cell(lo), "hi": num_cell(hi),
+            "n": num_cell(n, integer=True), "p": p_value(r.get("p_boot"), n),
+            "sig": (float_or_nan(lo) > 0 or float_or_nan(hi) < 0)
+            if n >= MIN_PAIRS_FOR_P else None}
+
+
+def paired_rows(paired: pd.DataFrame | None, names: list[str]) -> dict:
+    """paired.csv (audit/metrics/aggregation.py ``paired_difference``) for a pathology: one row
+    per method pair, one cell per metric (``{"metrics": [...], "rows": [...]}``)."""
     if paired is None or paired.empty or "pathology" not in paired:
-        return []
+        return {"metrics": [], "rows": []}
     sub = paired[paired["pathology"].astype(str).isin(names)]
-    rows = []
+    metrics = list(dict.fromkeys(sub["metric"].astype(str))) if "metric" in sub else []
+    rows: dict[tuple[str, str], dict] = {}
     for r in sub.to_dict("records"):
-        lo, hi = r.get("diff_lo"), r.get("diff_hi")
-        rows.append({
-            "a": method_label(str(r.get("method_a"))), "b": method_label(str(r.get("method_b"))),
-            "metric": as_text(r.get("metric")), "diff": num_cell(r.get("mean_diff")),
-            "lo": num_cell(lo), "hi": num_cell(hi),
-            "n": num_cell(r.get("n_pairs"), integer=True),
-            "p": num_cell(r.get("p_boot")),
-            "sig": (float_or_nan(lo) > 0 or float_or_nan(hi) < 0),
-        })
-    return rows
+        a, b = str(r.get("method_a")), str(r.get("method_b"))
+        row = rows.setdefault((a, b), {"a": method_label(a), "b": method_label(b), "cells": {}})
+        row["cells"][as_text(r.get("metric"))] = paired_cell(r)
+    return {"metrics": metrics, "rows": list(rows.values())}
 
 
 def average_map_panel(avg: dict[str, np.ndarray], names: list[str], methods: list[str]) -> dict:
@@ -219,26 +256,57 @@ def box_names(name: str, b: pd.DataFrame | None) -> tuple[str | None, list[str]]
     return model_finding, list(dict.fromkeys(names))
 
 
-def gallery_groups(b: pd.DataFrame, methods: list[str], thumbs_dir: Path | None,
-                   maps: SavedMaps, sizes: _gallery.OriginalSizes) -> list[dict]:
-    """Best / median / worst cases of each method."""
-    items = _gallery.gallery_items(_gallery.select_cases(b, ("method",)), thumbs_dir, maps, sizes)
+def gallery_groups(b: pd.DataFrame, methods: list[str], criteria: list | None,
+                   gallery: dict, slug: str) -> list[dict]:
+    """Per method (baselines left out): the cases `audit.report.cases.select_cases` picks, ranked
+    by the verdict's metric, as overlays. ``gallery``: thumbs_dir, maps (`MapSource`), sizes
+    (`OriginalSizes`), completeness (relative gaps)."""
+    metric, hit_at = ranking_metric(criteria)
+    cases = select_cases(b, metric, hit_at, group=("method",))
+    if cases.empty:
+        return []
+    items = _gallery.gallery_items(cases, gallery["thumbs_dir"], gallery["maps"],
+                                   gallery["sizes"], gallery["completeness"], f"case-{slug}")
     groups = []
     for m in methods:
         its = [i for i in items if i.method == m]
         if its:
+            first = cases[cases["method"].astype(str) == m].iloc[0]
             groups.append({"method": m, "label": method_label(m), "cases": its,
+                           "n_hits": int(first["n_hits"]), "n_units": int(first["n_units"]),
                            "has_maps": any(i.has_map for i in its),
                            "has_thumbs": all(i.has_thumb for i in its)})
     return groups
 
 
+def pathology_context(data: RunData, b: pd.DataFrame, names: list[str],
+                      methods: list[str]) -> dict:
+    """Box sizes, grid ceiling, chance, model figures, true-positive subset, map warnings."""
+    settings = data.run.get("settings")
+    size = float_or_nan(settings.get("image_size")) if isinstance(settings, dict) else math.nan
+    geometry = _ctx.box_geometry(b, int(size) if math.isfinite(size) else DEFAULT_IMAGE_SIZE)
+    return {
+        "geometry": geometry,
+        "cam_methods": [method_label(m) for m in methods if m in _ctx.CAM_METHODS],
+        "model": _ctx.model_figures(data.predictions, b),
+        "subset": [{**r, "label": method_label(r["method"]), "kind": method_kind(r["method"]),
+                    "count": with_count({}, r["pointing_rate"], r["n"]).get("count", "")}
+                   for r in _ctx.subset_rows(data.per_pathology_tp, names, methods)],
+        "tp_recorded": data.per_pathology_tp is not None,
+        "warnings": [{**w, "label": method_label(w["method"])}
+                     for w in _ctx.map_warnings(b, methods)],
+        "thresholds": {"whole_share": _ctx.WHOLE_IMAGE_SHARE,
+                       "warn_whole": _ctx.WARN_WHOLE_IMAGE, "warn_empty": _ctx.WARN_EMPTY},
+    }
+
+
 def pathology_section(data: RunData, name: str, slug: str, rows: list[dict],
                       b: pd.DataFrame | None, names: list[str], ref: dict | None,
                       methods: list[str], kinds: dict[str, str], gallery=None) -> dict:
-    """The section of one pathology; ``gallery``: (thumbs_dir, SavedMaps, OriginalSizes) or None
-    for no gallery."""
+    """The section of one pathology; ``b``: its best-matching box rows; ``gallery``: see
+    `gallery_groups` (None: no gallery)."""
     has_boxes = b is not None and not b.empty
+    every_box = all_boxes_for(data.boxes, names)
     sec = {
         "name": name, "slug": slug, "rows": rows, "reference": ref,
         "n_boxes": int(b[["image_key", "box_index"]].drop_duplicates().shape[0])
@@ -257,5 +325,11 @@ def pathology_section(data: RunData, name: str, slug: str, rows: list[dict],
     sec["distribution_plot"] = _plots.iou_distribution_svg(
         b, methods, labels, kinds) if b is not None else None
     sec["average"] = average_map_panel(data.average_maps, names, methods)
-    sec["gallery"] = gallery_groups(b, methods, *gallery) if gallery and has_boxes else []
+    criteria = data.run.get("acceptance_criteria") if isinstance(
+        data.run.get("acceptance_criteria"), list) else None
+    sec["ranking"] = ranking_metric(criteria)[0]
+    sec["gallery"] = gallery_groups(every_box, methods, criteria, gallery, slug) \
+        if gallery and has_boxes else []
+    sec["context"] = pathology_context(data, every_box, names, methods) if has_boxes else None
+    sec["illustrative"] = has_boxes and sec["n_images"] < ILLUSTRATIVE_BELOW
     return sec

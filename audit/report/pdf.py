@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from audit.store.files import plain_file_mode
+
 from .html import ReportExistsError
 
 
@@ -37,5 +39,6 @@ def print_pdf(html: Path, out_pdf: Path | None = None, chromium: str | None = No
         subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
     if not tmp.is_file():
         raise RuntimeError(f"Chromium did not write {tmp}")
+    os.chmod(tmp, plain_file_mode())  # Chromium's own mode would not follow the umask
     os.replace(tmp, out)
     return out

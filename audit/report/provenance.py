@@ -11,7 +11,7 @@ from audit.metrics.criteria import criterion_label
 from audit.protocol import TARGET_LAYER_TEXT
 from audit.store.files import float_or_nan
 
-from .format import as_text, fmt
+from .format import as_text, fmt, timestamp
 
 RUN_FIELDS = ("run_id", "started_at", "finished_at", "status", "device", "git_commit", "host",
               "target_layer")
@@ -39,7 +39,7 @@ def _flatten(obj: Any, prefix: str = "", limit_list: int | None = None) -> list[
         else:
             out.append((prefix, json.dumps(obj, default=str)))
     else:
-        out.append((prefix, "null" if obj is None else str(obj)))
+        out.append((prefix, "– (not set)" if obj is None else str(obj)))
     return out
 
 
@@ -55,8 +55,42 @@ def _criterion_text(c: Any) -> str:
     return str(c)
 
 
-def _fields(d: dict, names: tuple[str, ...]) -> list[tuple[str, str]]:
-    return [(k, as_text(d.get(k))) for k in names if k in d]
+TIME_FIELDS = ("started_at", "finished_at")
+
+
+def _model_notes(model: dict) -> dict[str, str]:
+    """Why a model field is empty or what a flag means, by the weights' source."""
+    source = as_text(model.get("source"))
+    what = {"random-init": "a randomly initialized model (negative control)",
+            "checkpoint": "a local checkpoint file",
+            "weights": "torchxrayvision's published weights"}.get(source, "weights of unknown "
+                                                                           "source")
+    published = model.get("published") is True
+    return {
+        "checkpoint_sha256": f"not applicable: {what}, not a checkpoint file",
+        "seed": f"not applicable: {what}" if source != "random-init" else "not recorded",
+        "published": (f"yes: {what}" if published else f"no: {what}, not a published weight set"),
+    }
+
+
+def _fields(d: dict, names: tuple[str, ...], notes: dict[str, str] | None = None
+            ) -> list[tuple[str, str]]:
+    """``(name, text)`` of the fields present: times to the second with their zone, a field with
+    a note shown with it (``published``) or explained when empty, other empty fields left out."""
+    notes = notes or {}
+    out = []
+    for k in names:
+        if k not in d:
+            continue
+        text = timestamp(d.get(k)) if k in TIME_FIELDS else as_text(d.get(k))
+        if k == "published":
+            text = notes.get(k, text)
+        elif not text:
+            if k not in notes:
+                continue
+            text = f"– ({notes[k]})"
+        out.append((k, text))
+    return out
 
 
 def provenance(run: dict) -> dict:
@@ -69,9 +103,11 @@ def provenance(run: dict) -> dict:
     if not isinstance(crit, list):
         crit = [crit]
     return {
-        "run": _fields(run, tuple(k for k in RUN_FIELDS if k != "target_layer")),
-        "run_values": {k: as_text(run.get(k)) for k in RUN_FIELDS},
-        "model": _fields(model, MODEL_FIELDS),
+        "run": _fields(run, tuple(k for k in RUN_FIELDS if k != "target_layer"),
+                       {"git_commit": "not recorded: the code was not run from a git checkout"}),
+        "run_values": {k: timestamp(run.get(k)) if k in TIME_FIELDS else as_text(run.get(k))
+                       for k in RUN_FIELDS},
+        "model": _fields(model, MODEL_FIELDS, _model_notes(model)),
         "model_values": {k: as_text(model.get(k)) for k in MODEL_FIELDS},
         "dataset": _fields(dataset, DATASET_FIELDS),
         "dataset_values": {k: as_text(dataset.get(k)) for k in DATASET_FIELDS},
@@ -84,4 +120,5 @@ def provenance(run: dict) -> dict:
         "criteria": [_criterion_text(c) for c in crit],
         "target_layer": as_text(run.get("target_layer")) or TARGET_LAYER_TEXT,
         "published": bool(model.get("published") is True),
+        "published_text": _model_notes(model)["published"],
     }

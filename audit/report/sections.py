@@ -16,7 +16,17 @@ from audit.store.files import float_or_nan
 from audit.store.rundir import RunData, read_run
 
 from . import plots as _plots
-from .format import arrow, as_text, generic_table, method_label, method_labels, num_cell
+from .format import (
+    ILLUSTRATIVE_BELOW,
+    arrow,
+    as_text,
+    generic_table,
+    method_label,
+    method_labels,
+    num_cell,
+    timestamp,
+)
+from .gallery import COMPLETENESS_FLAG
 from .provenance import sub
 
 REPEAT_HEADERS = {
@@ -80,6 +90,19 @@ def _sort_by_method(rows: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def _n_images(df: pd.DataFrame | None, cols: list[str] | None = None) -> int:
+    """Distinct images with a number in any of ``cols`` (every row when ``cols`` is None)."""
+    if df is None or df.empty or "image_key" not in df:
+        return 0
+    if cols is not None:
+        df = df[df[cols].apply(pd.to_numeric, errors="coerce").notna().any(axis=1)]
+    return int(df["image_key"].astype(str).nunique())
+
+
+def _sample(n: int) -> dict:
+    return {"n_images": n, "illustrative": n < ILLUSTRATIVE_BELOW}
+
+
 def _any_number(df: pd.DataFrame, cols: list[str]) -> bool:
     return bool(cols) and bool(df[cols].apply(pd.to_numeric, errors="coerce").notna().any().any())
 
@@ -93,6 +116,7 @@ def repeatability_section(images: pd.DataFrame | None, methods: list[str]) -> di
     absc = ("shift_delta_iou",)
     by_path = _mean_table(images, ["finding", "method"], cols, absc)
     return {
+        **_sample(_n_images(images, cols)),
         "cols": cols,
         "by_method": _sort_by_method(_mean_table(images, ["method"], cols, absc), methods),
         "by_pathology": _sort_by_method(by_path, methods),
@@ -111,7 +135,9 @@ def randomization_section(curves: pd.DataFrame | None, images: pd.DataFrame | No
         and images["randomization_final_spearman_abs"].notna().any()
     if (casc is None or casc.empty) and not has_img:
         return None
-    out = {"cascade_plot": None, "final": [], "metrics": [], "steps": [], "per_image": []}
+    out = {"cascade_plot": None, "final": [], "metrics": [], "steps": [], "per_image": [],
+           **_sample(_n_images(casc) if casc is not None and not casc.empty else
+                     _n_images(images, ["randomization_final_spearman_abs"]))}
     if casc is not None and not casc.empty:
         out["cascade_plot"] = _plots.randomization_cascade_plot(casc, methods,
                                                                 method_labels(methods))
@@ -170,7 +196,9 @@ def fidelity_section(curves: pd.DataFrame | None, images: pd.DataFrame | None,
             r["beats"] = _beats_random(images[images["method"].astype(str) == r["method"]])
     plot = _plots.fidelity_plot(c, methods, method_labels(methods)) if c is not None and not \
         c.empty else None
-    return {"cols": cols, "by_method": rows, "by_pathology": by_path, "plot": plot}
+    n = _n_images(images, cols) if has_img else _n_images(c)
+    return {"cols": cols, "by_method": rows, "by_pathology": by_path, "plot": plot,
+            **_sample(n)}
 
 
 def completeness_section(images: pd.DataFrame | None, methods: list[str]) -> list[dict]:
@@ -192,7 +220,7 @@ def completeness_section(images: pd.DataFrame | None, methods: list[str]) -> lis
                 rel = float((gap[both] / df_[both]).median())
         out.append({"method": m, "label": method_label(m), "n": int(ok.sum()),
                     "mean": num_cell(gap[ok].mean()), "max": num_cell(gap[ok].max()),
-                    "rel": num_cell(rel)})
+                    "rel": num_cell(rel), "flag": math.isfinite(rel) and rel > COMPLETENESS_FLAG})
     return out
 
 
@@ -255,7 +283,7 @@ def change_section(current: RunData, previous_run_dir: Path | None,
         pm, cm = sub(prev.run, "model"), sub(current.run, "model")
         pd_, cd = sub(prev.run, "dataset"), sub(current.run, "dataset")
         out["previous"] = {
-            "run_id": prev.run_id, "finished_at": as_text(prev.run.get("finished_at")),
+            "run_id": prev.run_id, "finished_at": timestamp(prev.run.get("finished_at")),
             "model": as_text(pm.get("name")), "fingerprint": as_text(pm.get("fingerprint")),
             "dataset": as_text(pd_.get("name")),
             "manifest_sha256": as_text(pd_.get("manifest_sha256")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,14 @@ from .pathology import (
     verdicts,
 )
 from .provenance import provenance
+
+
+def report_link(run_dir: Path, page_dir: Path) -> str | None:
+    """The run's report.html relative to the page's folder (None when it was not rendered)."""
+    report = run_dir / "report.html"
+    if not report.is_file():
+        return None
+    return Path(os.path.relpath(report.resolve(), page_dir.resolve())).as_posix()
 
 
 def _record(data: RunData, name: str, method: str) -> dict | None:
@@ -79,7 +88,8 @@ def render_side_by_side(
             all_kinds.setdefault(k, v)
         label = labels[i] if labels is not None else (prov["model_values"]["name"] or d.run_id)
         runs.append({"label": label, "prov": prov, "verdicts": verdicts(d.per_pathology),
-                     "data": d, "methods": methods})
+                     "data": d, "methods": methods,
+                     "report": report_link(run_dirs[i], target.parent)})
     methods = order_methods(all_methods, all_kinds)
     used: set[str] = set()
     pathologies = [_pathology(name, runs, methods, used) for name in dict.fromkeys(all_names)]

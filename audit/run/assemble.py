@@ -21,6 +21,7 @@ from audit.data.preprocess import box_mask, scale_boxes
 from audit.metrics.aggregation import aggregate_per_pathology, paired_difference
 from audit.metrics.criteria import evaluate_criteria
 from audit.protocol import BEATS
+from audit.report.cases import shown_maps
 from audit.run.plan import Selection
 from audit.run.provenance import (
     code_section,
@@ -28,8 +29,12 @@ from audit.run.provenance import (
     environment_section,
     model_section,
 )
+from audit.store.gallery_maps import keep_gallery_maps
 from audit.store.rundir import (
     BOX_GEOMETRY,
+    CALLED_POSITIVE_AT,
+    GALLERY_MAPS,
+    PER_PATHOLOGY_TP,
     REJECT_COLUMNS,
     RUN_JSON,
     RunDirectory,
@@ -120,6 +125,18 @@ def average_maps(batch_dirs: list[Path], boxes: pd.DataFrame, size: int) -> dict
     return out
 
 
+def true_positive_aggregates(boxes: pd.DataFrame, settings: AuditSettings) -> pd.DataFrame:
+    """per_pathology's figures (no verdicts) on the boxes whose probability for the finding is
+    at least `CALLED_POSITIVE_AT`: the true-positive subset that cheXlocalize reports."""
+    if boxes.empty:
+        return pd.DataFrame()
+    called = boxes[pd.to_numeric(boxes["probability"], errors="coerce") >= CALLED_POSITIVE_AT]
+    if called.empty:
+        return pd.DataFrame()
+    return aggregate_per_pathology(called, seed=settings.seed).drop(
+        columns=["verdict", "criteria"], errors="ignore")
+
+
 def copy_thumbnails_and_maps(run: RunDirectory, batch_dirs: list[Path], save_maps: bool) -> None:
     thumbs = run.path("thumbs")
     thumbs.mkdir(exist_ok=True)
@@ -144,12 +161,14 @@ def assemble_run(run: RunDirectory, batch_dirs: list[Path], ctx: RunContext) -> 
         boxes["pathology"] = boxes["model_finding"]
     per_pathology, paired = aggregates(boxes, settings)
     copy_thumbnails_and_maps(run, batch_dirs, settings.save_maps)
+    keep_gallery_maps(batch_dirs, shown_maps(boxes, settings.acceptance), run.path(GALLERY_MAPS))
     run.write_npz("average_maps.npz", average_maps(batch_dirs, boxes, settings.image_size))
     run.write_table(boxes, "boxes.parquet")
     run.write_table(boxes, "boxes.csv")
     for name in ("images", "curves", "predictions"):
         run.write_table(concat_batches(batch_dirs, name), f"{name}.parquet")
     run.write_table(per_pathology, "per_pathology.csv")
+    run.write_table(true_positive_aggregates(boxes, settings), PER_PATHOLOGY_TP)
     run.write_json("per_pathology.json", table_records(per_pathology))
     run.write_table(paired, "paired.csv")
     run.write_table(all_rejects(batch_dirs, ctx.manifest_csv), "rejects.csv")

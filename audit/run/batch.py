@@ -26,8 +26,10 @@ from audit.run.costly import costly_metrics
 from audit.run.images import LoadedImage, load_batch_images, reject_row
 from audit.saliency import explain_all
 from audit.store.files import atomic_write_bytes, atomic_write_json, atomic_write_table, write_npz
+from audit.store.gallery_maps import gallery_entry
 from audit.store.rundir import (
     BOX_GEOMETRY,
+    GALLERY_MAPS,
     REJECT_COLUMNS,
     map_key,
     saved_map_key,
@@ -61,6 +63,7 @@ class BatchTables:
     map_sums: dict[str, np.ndarray] = field(default_factory=dict)
     map_counts: dict[str, int] = field(default_factory=dict)
     saved_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    gallery_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def add_to_average(self, method: str, finding: str, positive: np.ndarray) -> None:
         key = map_key(method, finding)
@@ -181,6 +184,8 @@ def _explain_and_score(model: Any, item: LoadedImage, group: pd.DataFrame, targe
             if settings.save_maps:
                 key = map_key(method, saved_map_key(item.key, finding))
                 tables.saved_maps[key] = saliency.astype(np.float16)
+            tables.gallery_maps.update(gallery_entry(method, item.key, finding, saliency,
+                                                     item.pre.boxes_to_original))
             extras = {n: float(v[0, k]) for n, v in results[method].extras.items()}
             tables.images.append({"image_key": item.key, "finding": finding, "method": method,
                                   "probability": prob, "logit": logit, **extras})
@@ -207,5 +212,6 @@ def _write_batch(staging: Path, tables: BatchTables, save_maps: bool) -> None:
         atomic_write_table(frame, staging / f"{name}.parquet")
     write_npz(staging / "map_sums.npz", tables.map_sums)
     atomic_write_json(staging / "map_counts.json", tables.map_counts)
+    write_npz(staging / GALLERY_MAPS, tables.gallery_maps)
     if save_maps:
         write_npz(staging / "maps.npz", tables.saved_maps)

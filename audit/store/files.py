@@ -33,11 +33,26 @@ __all__ = [
     "table_bytes",
     "write_npz",
     "float_or_nan",
+    "current_umask",
+    "plain_file_mode",
 ]
 
-# The process umask, read once at import: mkstemp creates files 0600.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def current_umask() -> int:
+    """The process umask now (not at import: a caller may change it). Read from
+    /proc/self/status where Linux gives it, else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 minus the umask (mkstemp's temporary
+    files are 0600, so a file staged in one gets this mode before it is renamed into place)."""
+    return 0o666 & ~current_umask()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -76,7 +91,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
+            os.fchmod(handle.fileno(), plain_file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -28,7 +28,8 @@ from audit.protocol import HIT_THRESHOLDS
 from audit.store.files import atomic_write_json, atomic_write_table, sha256_file, write_npz
 
 __all__ = [
-    "RUN_JSON", "RUN_FILES", "BATCH_FILES", "BOX_COLUMNS", "BOX_GEOMETRY", "PER_PATHOLOGY_COLUMNS",
+    "RUN_JSON", "GALLERY_MAPS", "PER_PATHOLOGY_TP", "CALLED_POSITIVE_AT", "RUN_FILES",
+    "BATCH_FILES", "BOX_COLUMNS", "BOX_GEOMETRY", "PER_PATHOLOGY_COLUMNS",
     "REJECT_COLUMNS", "AFTER_FINISH", "hashed_files", "RunDirectoryError", "RunDirectory",
     "RunData", "new_run_id",
     "read_run_json", "read_run", "read_table", "read_npz", "table_records", "map_key",
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 RUN_JSON = "run.json"
+#: The gallery's map store (audit/store/gallery_maps.py), in every batch and, pruned, in the run.
+GALLERY_MAPS = "gallery_maps.npz"
+#: per_pathology's figures on the true-positive subset (the model called the finding).
+PER_PATHOLOGY_TP = "per_pathology_tp.csv"
 FINISHED_STATUS = "finished"
 
 #: Files of a finished run directory, with what each holds.
@@ -54,12 +59,18 @@ RUN_FILES: dict[str, str] = {
     "predictions.parquet": "one row per (image, model output): logit, probability, label",
     "per_pathology.csv": "one row per (pathology, method): PER_PATHOLOGY_COLUMNS",
     "per_pathology.json": "the same rows as a JSON list (NaN: null; inf: \"inf\")",
+    PER_PATHOLOGY_TP: "per_pathology's figures (no verdicts) on the true-positive subset: the "
+                      "boxed images whose probability for the finding is at least "
+                      "CALLED_POSITIVE_AT (audit/metrics/aggregation.py, same seed)",
     "paired.csv": "paired differences between methods and baselines per pathology (method_a, "
                   "method_b, metric, n_pairs, mean_diff, diff_lo, diff_hi, p_boot): what the "
                   "baseline criteria are judged on",
     "rejects.csv": "REJECT_COLUMNS: inputs the run could not use, with the reason",
     "average_maps.npz": "mean normalized map per 'method|finding', expert box mask per "
                         "'expert|finding' (model resolution)",
+    GALLERY_MAPS: "the display maps (uint8, model resolution) and map maxima of the cases the "
+                  "report's galleries show (audit/store/gallery_maps.py), kept without "
+                  "--save-maps",
     "thumbs/": "one small PNG per image (thumbnail_name)",
     "maps/": "with --save-maps: maps/<method>.npz, arrays keyed 'image_key|finding' (float16)",
     "report.html": "the self-contained report (and summary.md beside it)",
@@ -81,6 +92,8 @@ BATCH_FILES: dict[str, str] = {
     "map_sums.npz": "sum of normalized maps per 'method|finding'",
     "map_counts.json": "number of maps in each sum",
     "maps.npz": "with --save-maps: maps keyed 'method|image_key|finding'",
+    GALLERY_MAPS: "every map as the gallery shows it (uint8) with its maximum, keyed "
+                  "'method|image_key|finding' (audit/store/gallery_maps.py)",
     "thumbs/": "thumbnails of the batch's images",
 }
 
@@ -104,6 +117,9 @@ PER_PATHOLOGY_COLUMNS = [
 ]
 
 REJECT_COLUMNS = ["path", "image_key", "finding", "reason"]
+#: A boxed image counts as a true positive when the model's probability for its finding is at
+#: least this (the report's "called positive").
+CALLED_POSITIVE_AT = 0.5
 
 
 def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -331,6 +347,7 @@ class RunData:
     paired: pd.DataFrame | None
     rejects: pd.DataFrame | None
     average_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    per_pathology_tp: pd.DataFrame | None = None
 
     @property
     def run_id(self) -> str:
@@ -343,6 +360,11 @@ class RunData:
     @property
     def maps_dir(self) -> Path:
         return self.run_dir / "maps"
+
+    @property
+    def gallery_maps_path(self) -> Path | None:
+        path = self.run_dir / GALLERY_MAPS
+        return path if path.is_file() else None
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -359,6 +381,7 @@ def read_run(run_dir: Path) -> RunData:
         paired=read_table(run_dir, "paired"),
         rejects=read_table(run_dir, "rejects"),
         average_maps=read_npz(run_dir / "average_maps.npz"),
+        per_pathology_tp=read_table(run_dir, PER_PATHOLOGY_TP.removesuffix(".csv")),
     )
 
 
