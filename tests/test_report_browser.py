@@ -6,10 +6,12 @@ but the file itself, and every <img> decodes. Saves screenshots to test-artifact
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -256,10 +258,18 @@ def test_print_pdf_uses_the_print_stylesheet(tmp_path):
         from pypdf import PdfReader
     except ImportError:
         missing("chromium", "pypdf is not installed (pip install pypdf)")
-    pages = [page.extract_text() for page in PdfReader(pdf).pages]
+    # NFKC: the PDF's ligatures ("fi", "ff", also inside hex digests) read as their letters
+    pages = [unicodedata.normalize("NFKC", page.extract_text()) for page in PdfReader(pdf).pages]
     assert len(pages) == n_pages
-    for i, text in enumerate(pages, start=1):  # the footer: run id, page x of y
+    digest = hashlib.sha256(html.read_bytes()).hexdigest()
+    for i, text in enumerate(pages, start=1):  # the footer: run id, report sha256, page x of y
         assert f"page {i} of {n_pages}" in text and "run run-0000-synthetic" in text, i
+        assert f"report.html sha256 {digest}" in text.replace("\n", " "), i
+    first = pages[0]  # the audit certificate, alone on the first page
+    for words in ("Audit certificate", "What was audited, and how", "b" * 64,
+                  "Known limitations", "7 × 7 grid", "Reviewed by", "Mass", "Effusion"):
+        assert words in first, words
+    assert "Verdicts: legend" not in first and "Verdicts: legend" in pages[1]
     assert "Not computed in this run" in "".join(pages)
     assert stat.S_IMODE(pdf.stat().st_mode) == 0o666 & ~_umask()
     in_run = render_report(run)  # RUN_DIR/report.html

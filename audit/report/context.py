@@ -13,6 +13,7 @@ from audit.store.gallery_maps import GalleryMaps
 from audit.store.rundir import RunData, SavedMaps
 
 from . import gallery as _gallery
+from .certificate import certificate
 from .format import (
     DECIMALS,
     ILLUSTRATIVE_BELOW,
@@ -72,12 +73,11 @@ def criteria_metrics(run: dict) -> list[str]:
     return list(dict.fromkeys(str(c.get("metric")) for c in crit if isinstance(c, dict)))
 
 
-def footer(run_id: str, report_sha256: str = "") -> dict[str, str]:
-    """The printed page's footer boxes (CSS strings, so only ``[A-Za-z0-9._:+-]`` and spaces
-    survive): the run id left, page x of y right, and the centre box kept for the report's
-    sha256 (empty until an audit certificate fills it)."""
-    return {"left": css_text(f"cxr-audit report · run {run_id}"),
-            "centre": css_text(f"report sha256 {report_sha256}" if report_sha256 else "")}
+def footer(run_id: str) -> dict[str, str]:
+    """The printed page's left footer box (a CSS string, so only ``[A-Za-z0-9._:+-]`` and spaces
+    survive): the run id; page x of y is on the right, the centre box is the report's sha256
+    (`certificate.REPORT_SHA_SLOT`)."""
+    return {"left": css_text(f"cxr-audit report · run {run_id}")}
 
 
 def css_text(text: str) -> str:
@@ -155,8 +155,10 @@ def build_context(data: RunData, previous_run_dir: Path | None = None,
         "rejects": rejects_section(data.rejects),
         "change": change_section(data, previous_run_dir, comparison, methods),
     }
+    judged = verdicts(pp, methods)
     return {
         **sections_ctx,
+        "certificate": certificate(data, prov, methods, judged["n"]),
         "not_computed": not_computed(sections_ctx, pathologies, methods, bool(pp is not None
                                                                                and not pp.empty)),
         "colour_gradient": css_gradient(),
@@ -177,7 +179,7 @@ def build_context(data: RunData, previous_run_dir: Path | None = None,
         "methods": methods,
         "kinds": kinds,
         "method_labels": method_labels(methods),
-        "verdicts": verdicts(pp, methods),
+        "verdicts": judged,
         "verdict_legend": VERDICT_LEGEND,
         "n_needed_cap": N_NEEDED_CAP,
         "headline": headline,

@@ -8,14 +8,27 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from audit.store.files import plain_file_mode
+from audit.store.files import plain_file_mode, sha256_file
 
+from .certificate import REPORT_SHA_SLOT
 from .html import ReportExistsError
+
+
+def with_report_sha256(html: Path, folder: Path) -> Path:
+    """A copy of ``html`` in ``folder`` whose printed footer names the sha256 of ``html`` (the
+    report file itself cannot carry its own hash). A report without the slot is copied as is."""
+    digest = sha256_file(html)
+    text = html.read_text(encoding="utf-8")
+    filled = text.replace(REPORT_SHA_SLOT, f'"\\A {html.name} sha256 {digest}"', 1)
+    copy = folder / html.name
+    copy.write_text(filled, encoding="utf-8")
+    return copy
 
 
 def print_pdf(html: Path, out_pdf: Path | None = None, chromium: str | None = None,
               timeout_s: float = 300) -> Path:
-    """Print a rendered report to PDF with headless Chromium (the report's print stylesheet).
+    """Print a rendered report to PDF with headless Chromium (the report's print stylesheet);
+    every page's footer names the run, the page and the sha256 of ``html``.
 
     Default output: the HTML's path with ``.pdf``. Next to a run directory's files (a folder with
     run.json) an existing PDF is never overwritten (``ReportExistsError``).
@@ -32,10 +45,11 @@ def print_pdf(html: Path, out_pdf: Path | None = None, chromium: str | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.pdf")
     with tempfile.TemporaryDirectory() as profile:
+        printed = with_report_sha256(html, Path(profile))
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-pings", f"--user-data-dir={profile}",
-               "--no-pdf-header-footer", f"--print-to-pdf={tmp}", html.as_uri()]
+               "--no-pdf-header-footer", f"--print-to-pdf={tmp}", printed.as_uri()]
         subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
     if not tmp.is_file():
         raise RuntimeError(f"Chromium did not write {tmp}")
