@@ -1,9 +1,17 @@
 """The images of a batch: decoded, preprocessed to the model's input, and thumbnailed for the
-report; a file that cannot be decoded becomes a rejects row, never an error."""
+report; a file that cannot be decoded becomes a rejects row, never an error.
+
+`ImagePrefetcher` decodes batches in worker processes ahead of use, so the next batch is ready
+when the device finishes the current one (``workers=0``: each batch is decoded when asked).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +24,10 @@ from audit.data.preprocess import PreprocessedImage, nominal_range, preprocess
 from audit.data.readers import RejectedInput, read_image
 
 THUMB_SIZE = 256  # px, longest side of a stored thumbnail
+#: Above this many cores, decode workers by default: ``min(MAX_AUTO_WORKERS, cores - 2)`` (two
+#: cores stay with torch). On 2 cores a worker only competes with torch for the same cores
+#: (benchmarks/pipeline_bench.py measures it), so the default there is none.
+MAX_AUTO_WORKERS = 4
 
 
 @dataclass
@@ -37,6 +49,10 @@ class LoadedImage:
     @property
     def height(self) -> int:
         return self.pre.original_size[1]
+
+
+#: What a batch's loading gives: its decoded images (sorted by key) and its rejects rows.
+LoadedBatch = tuple[list["LoadedImage"], list[dict[str, str]]]
 
 
 def reject_row(path: str, image_key: str, reason: str, finding: str = "") -> dict[str, str]:
@@ -72,5 +88,64 @@ def thumbnail_png(pixels: np.ndarray) -> bytes:
     img = Image.fromarray((scaled * 255).round().astype(np.uint8))
     img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", optimize=True)
+    img.save(buffer, format="PNG")  # optimize=True: ~5% smaller files at several times the cost
     return buffer.getvalue()
+
+
+def auto_workers(configured: int | None = None, cores: int | None = None) -> int:
+    """Decode worker processes: ``configured`` when given, else ``MAX_AUTO_WORKERS`` at most and
+    never fewer than two cores left to torch (none on a machine of 2 cores or fewer)."""
+    if configured is not None:
+        return max(0, int(configured))
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cores - 2))
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per worker; the parent's torch keeps its own threads
+
+
+def _load_portable(rows: pd.DataFrame, images_root: Path, size: int) -> LoadedBatch:
+    """`load_batch_images` with numpy arrays in place of tensors (pickled by value)."""
+    loaded, rejects = load_batch_images(rows, images_root, size)
+    for item in loaded:
+        item.pre = dataclasses.replace(item.pre, tensor=item.pre.tensor.numpy())
+    return loaded, rejects
+
+
+class ImagePrefetcher:
+    """Decodes batches ahead of use in ``workers`` processes (forkserver start, never a fork of
+    a threaded parent). ``submit(key, rows)`` starts one; ``take(key, rows)`` returns it (decoding
+    it here when it was never submitted or ``workers`` is 0)."""
+
+    def __init__(self, images_root: Path, size: int, workers: int):
+        self.images_root, self.size, self.workers = Path(images_root), int(size), int(workers)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: dict[str, Future[LoadedBatch]] = {}
+
+    def submit(self, key: str, rows: pd.DataFrame) -> None:
+        if self.workers <= 0 or key in self._pending:
+            return
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context,
+                                             initializer=_worker_init)
+        self._pending[key] = self._pool.submit(_load_portable, rows, self.images_root,
+                                               self.size)
+
+    def take(self, key: str, rows: pd.DataFrame) -> LoadedBatch:
+        future = self._pending.pop(key, None)
+        if future is None:
+            return load_batch_images(rows, self.images_root, self.size)
+        loaded, rejects = future.result()
+        for item in loaded:
+            item.pre = dataclasses.replace(item.pre, tensor=torch.from_numpy(item.pre.tensor))
+        return loaded, rejects
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
