@@ -51,7 +51,7 @@ class AuditSettings:
     metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
     threshold: float = DEFAULT_THRESHOLD
     image_size: int = 224
-    batch_size: int = 8
+    batch_size: int = 16  # images per batch (task): one forward explains them all
     # sampling
     limit: int | None = None
     per_pathology: int | None = None

@@ -100,35 +100,34 @@ def run_plan(selection: Selection, settings: AuditSettings) -> RunPlan:
                    ig_points=len(alphas) + ends)
 
 
-def _timed(fn: Any, repeats: int = 2) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _timed(fn: Any, x: torch.Tensor) -> float:
+    """Seconds per input of ``fn`` on ``x``, after a warm-up on its first input."""
+    fn(x[:1])
+    start = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - start) / len(x)
 
 
 def calibrate(model: Any, settings: AuditSettings, manifest: pd.DataFrame,
               images_root: Path) -> Calibration:
-    """Time a forward and (with IG among the methods) a forward+backward of
-    ``CALIBRATION_POINTS`` inputs, and the load of up to two of the run's images (a few seconds
-    on a CPU)."""
-    n, size = CALIBRATION_POINTS, settings.image_size
+    """Time one forward and (with IG among the methods) one forward+backward of
+    ``CALIBRATION_POINTS`` inputs, each after a warm-up on one input, and the load of up to two
+    of the run's images (about a second on two CPU cores)."""
+    size = settings.image_size
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand((n, 1, size, size), generator=g) * 2048 - 1024).to(model.device)
+    x = torch.rand((CALIBRATION_POINTS, 1, size, size), generator=g) * 2048 - 1024
+    x = x.to(model.device)
 
-    def forward() -> None:
+    def forward(batch: torch.Tensor) -> None:
         with torch.inference_mode():
-            model.logits(x)
-        _sync(x)
+            model.logits(batch)
+        _sync(batch)
 
-    def forward_backward() -> None:
-        pts = x.clone().requires_grad_(True)
+    def forward_backward(batch: torch.Tensor) -> None:
+        pts = batch.clone().requires_grad_(True)
         with torch.enable_grad():
             torch.autograd.grad(model.logits(pts)[:, 0].sum(), pts)
-        _sync(x)
+        _sync(batch)
 
     keys = sorted(manifest["image_key"].unique())[:2]
     rows = manifest[manifest["image_key"].isin(keys)]
@@ -136,8 +135,8 @@ def calibrate(model: Any, settings: AuditSettings, manifest: pd.DataFrame,
     load_batch_images(rows, images_root, size)
     load = (time.perf_counter() - start) / max(1, len(keys))
     needs_backward = IG_METHOD in settings.methods
-    return Calibration(_timed(forward) / n,
-                       _timed(forward_backward) / n if needs_backward else 0.0, load)
+    return Calibration(_timed(forward, x),
+                       _timed(forward_backward, x) if needs_backward else 0.0, load)
 
 
 def _sync(x: torch.Tensor) -> None:
