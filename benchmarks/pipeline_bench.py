@@ -169,6 +169,11 @@ def plain_loop(manifest_csv: Path, model, batch_size: int, size: int) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_memory(device: torch.device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = f"max RSS {rss:.0f} MiB"
@@ -220,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             n_ig = counts.ig_pairs if "integrated_gradients" in settings.methods else 0
             rows.update(floor_seconds(model, manifest_csv, settings, n_ig))
         if args.plain_loop or args.only_plain_loop:
+            cpu = _cpu_seconds()
             rows["plain loop (decode + 1 forward/batch)"] = plain_loop(
                 manifest_csv, model, args.batch_size, settings.image_size)
+            rows["plain loop: CPU seconds (user + sys)"] = _cpu_seconds() - cpu
     floor = rows.get("floor total")
     print(f"# pipeline_bench: {source}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, methods {args.methods}, baselines {args.baselines or '-'}, "

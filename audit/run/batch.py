@@ -173,7 +173,7 @@ def _explain(model: Any, items: list[LoadedImage], targets: list[list[str]], nam
         return BatchExplanation(logits=empty, results=[], targets={n: [] for n in names})
     x = torch.stack([item.tensor for item in items]).to(model.device)
     indices = [[model.finding_index(t) for t in found] for found in targets]
-    own = {}
+    own: dict[str, list[list[int]]] = {}
     if ig_pairs is not None and IG_METHOD in names:
         chosen = {tuple(p) for p in ig_pairs}
         own[IG_METHOD] = [[model.finding_index(t) for t in found if (item.key, t) in chosen]
