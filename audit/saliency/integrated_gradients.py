@@ -223,11 +223,7 @@ class IntegratedGradients(SaliencyMethod):
         for start in range(0, n_points, chunk):
             idx = torch.arange(start, min(start + chunk, n_points), device=x.device)
             img, step = idx // m, idx % m
-            pts = base[img] + alpha_t[step].view(-1, 1, 1, 1) * diff[img]
-            if last:
-                at_x = step == last[0]
-                pts[at_x] = x[img[at_x]]
-            pts.requires_grad_(True)
+            pts, at_x = _path_points(x, base, diff, alpha_t, img, step, last)
             with torch.enable_grad():
                 out = model.logits(pts).gather(1, targets[img])  # [n, K]
                 grads = self._input_grads(out, pts, mode)  # [K, n, C, H, W]
@@ -277,12 +273,7 @@ class IntegratedGradients(SaliencyMethod):
         for start in range(0, n_points, chunk):
             idx = torch.arange(start, min(start + chunk, n_points), device=x.device)
             pair, step = idx // m, idx % m
-            img = image_index[pair]
-            pts = base[img] + alpha_t[step].view(-1, 1, 1, 1) * diff[img]
-            if last:
-                at_x = step == last[0]
-                pts[at_x] = x[img[at_x]]
-            pts.requires_grad_(True)
+            pts, at_x = _path_points(x, base, diff, alpha_t, image_index[pair], step, last)
             with torch.enable_grad():
                 out = model.logits(pts).gather(1, target[pair, None])[:, 0]
                 grads = torch.autograd.grad(out.sum(), pts)[0]
@@ -317,6 +308,19 @@ class IntegratedGradients(SaliencyMethod):
         grads = [torch.autograd.grad(out[:, j].sum(), pts, retain_graph=j < k - 1)[0]
                  for j in range(k)]
         return torch.stack(grads)
+
+
+def _path_points(x: torch.Tensor, base: torch.Tensor, diff: torch.Tensor, alpha_t: torch.Tensor,
+                 img: torch.Tensor, step: torch.Tensor, last: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Path points ``x' + alpha (x - x')`` of images ``img`` at nodes ``step`` (the node at
+    alpha = 1, when the rule has one, set to ``x`` exactly), ready for the backward; and the
+    mask of the points at that node."""
+    pts = base[img] + alpha_t[step].view(-1, 1, 1, 1) * diff[img]
+    at_x = step == last[0] if last else torch.zeros_like(step, dtype=torch.bool)
+    if last:
+        pts[at_x] = x[img[at_x]]
+    return pts.requires_grad_(True), at_x
 
 
 def _result(maps64: torch.Tensor, f_x: torch.Tensor, f_base: torch.Tensor) -> SaliencyResult:
