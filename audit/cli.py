@@ -158,8 +158,8 @@ def run(
              "baselines still score every box. For CPU machines: IG on every box takes hours.")
     ] = None,
     prefetch_workers: Annotated[int | None, typer.Option(
-        help="Processes decoding the next batch's images (default: none on 2 cores, up to 4 "
-             "with more).")] = None,
+        help="Processes decoding the next batch's images (default: cores - 2, at least 1, at "
+             "most 4).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
     save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
     registry: Annotated[str | None, typer.Option(

@@ -227,8 +227,8 @@ def test_prefetched_images_equal_the_images_decoded_here(tmp_path):
         assert a.thumb_png == b.thumb_png and a.pre.original_size == b.pre.original_size
 
 
-def test_default_decode_workers_leave_two_cores_to_torch():
-    assert [auto_workers(None, cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 0, 1, 2, 4, 4]
+def test_default_decode_workers_leave_two_cores_to_torch_but_one_worker_from_two_cores():
+    assert [auto_workers(None, cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 1, 1, 2, 4, 4]
     assert auto_workers(3, 2) == 3 and auto_workers(0, 64) == 0
 
 
