@@ -153,6 +153,13 @@ def run(
                          ] = AuditSettings.ig_method,
     ig_baseline: Annotated[str, typer.Option(help="IG baseline: black | blurred | mean.")
                            ] = AuditSettings.ig_baseline,
+    ig_per_pathology: Annotated[int | None, typer.Option(
+        help="IG on N boxed images per pathology (seeded); Grad-CAM/Grad-CAM++ and the "
+             "baselines still score every box. For CPU machines: IG on every box takes hours.")
+    ] = None,
+    prefetch_workers: Annotated[int | None, typer.Option(
+        help="Processes decoding the next batch's images (default: cores - 2, at least 1, at "
+             "most 4).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
     save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
     registry: Annotated[str | None, typer.Option(

@@ -51,7 +51,7 @@ class AuditSettings:
     metrics: list[str] = field(default_factory=lambda: list(METRIC_FAMILIES))
     threshold: float = DEFAULT_THRESHOLD
     image_size: int = 224
-    batch_size: int = 8
+    batch_size: int = 16  # images per batch (task): one forward explains them all
     # sampling
     limit: int | None = None
     per_pathology: int | None = None
@@ -61,7 +61,8 @@ class AuditSettings:
     ig_steps: int = 50
     ig_method: str = "gausslegendre"
     ig_baseline: str = "black"
-    ig_internal_batch_size: int = 25
+    ig_internal_batch_size: int | None = None  # path points per chunk; None: automatic
+    ig_per_pathology: int | None = None  # IG on this many boxed pairs per finding; None: all
     # metric options
     noise_sigma: float = 0.02  # fraction of the [-1024, 1024] range
     shift_px: int = 2
@@ -80,6 +81,7 @@ class AuditSettings:
     dask_address: str | None = None
     dask_workers: int = 2
     progress: bool = True
+    prefetch_workers: int | None = None  # image decode processes; None: automatic
 
     def validate(self) -> AuditSettings:
         """Check every setting before any work starts; raise `ConfigError` with one line."""
@@ -132,6 +134,7 @@ class AuditSettings:
             "per_pathology",
             "dataset_name",
             "device",
+            "prefetch_workers",
         }
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
@@ -146,10 +149,13 @@ def _check_numbers(s: AuditSettings) -> None:
     at_least = {"batch_size": 1, "image_size": 32, "ig_internal_batch_size": 1,
                 "fidelity_batch_size": 1, "dask_workers": 1, "costly_per_pathology": 0,
                 "shift_px": 0, "ig_steps": 2 if s.ig_method != "gausslegendre" else 1,
-                "limit": 1, "per_pathology": 1, "costly_max_pairs": 0}
+                "limit": 1, "per_pathology": 1, "costly_max_pairs": 0,
+                "ig_per_pathology": 1, "prefetch_workers": 0}
+    optional = ("limit", "per_pathology", "costly_max_pairs", "ig_internal_batch_size",
+                "ig_per_pathology", "prefetch_workers")
     for name, low in at_least.items():
         value = getattr(s, name)
-        if value is None and name in ("limit", "per_pathology", "costly_max_pairs"):
+        if value is None and name in optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -8,6 +8,7 @@ itself is checked first, so a re-run in a new flow run recomputes only unfinishe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from audit.config import AuditSettings
 from audit.run import plan
 from audit.run.assemble import RunContext, assemble_run
 from audit.run.batch import audit_batch
+from audit.run.images import ImagePrefetcher, auto_workers
 from audit.store.files import sha256_file
 from audit.store.registry import Registry
 from audit.store.rundir import RunDirectory, new_run_id, read_run_json
@@ -52,6 +54,36 @@ def _model_for(settings: AuditSettings) -> Any:
             allow_download=True,  # by name through torchxrayvision; offline: WeightsUnavailable
         )
     return _MODELS[spec]
+
+
+_PREFETCHERS: dict[tuple[str, int, int], ImagePrefetcher] = {}
+
+
+def _prefetcher_for(images_root: str, settings: AuditSettings) -> ImagePrefetcher:
+    """One image prefetcher per process and image folder (its workers outlive a batch)."""
+    spec = (str(images_root), settings.image_size, auto_workers(settings.prefetch_workers))
+    if spec not in _PREFETCHERS:
+        _PREFETCHERS[spec] = ImagePrefetcher(Path(spec[0]), spec[1], spec[2])
+    return _PREFETCHERS[spec]
+
+
+def close_prefetchers() -> None:
+    """Stop the decode workers of this process."""
+    while _PREFETCHERS:
+        _PREFETCHERS.popitem()[1].close()
+
+
+@functools.lru_cache(maxsize=2)
+def _read_manifest_cached(path: str, mtime_ns: int, size: int) -> Any:
+    from audit.data.manifest import read_manifest
+
+    return read_manifest(Path(path))
+
+
+def _manifest(manifest_csv: str) -> Any:
+    """The manifest, read once per process while the file is unchanged."""
+    stat = Path(manifest_csv).stat()
+    return _read_manifest_cached(str(manifest_csv), stat.st_mtime_ns, stat.st_size)
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -94,20 +126,25 @@ def audit_batch_task(
     settings: dict[str, Any],
     costly: list[list[str]],
     cache_dir: str,
+    ig: list[list[str]] | None = None,
+    prefetch: tuple[str, list[str]] | None = None,
 ) -> str:
-    """Explain and score one batch; returns the path of its result folder."""
+    """Explain and score one batch; returns the path of its result folder. ``prefetch``: the
+    next batch (key, image keys), decoded in a worker process while this one computes."""
     out_dir = Path(cache_dir) / "batches" / key
     if (out_dir / "boxes.parquet").exists():
         return str(out_dir)
-    from audit.data.manifest import read_manifest
-
     run_settings = AuditSettings(**settings)
-    manifest = read_manifest(Path(manifest_csv))
+    manifest = _manifest(manifest_csv)
+    loader = _prefetcher_for(images_root, run_settings)
+    if prefetch is not None:
+        loader.submit(prefetch[0], manifest[manifest["image_key"].isin(prefetch[1])])
     rows = manifest[manifest["image_key"].isin(image_keys)]
     model = _model_for(run_settings)
     started = time.perf_counter()
     audit_batch(model, rows, Path(images_root), run_settings, [tuple(p) for p in costly],
-                out_dir)
+                out_dir, loaded=loader.take(key, rows),
+                ig_pairs=None if ig is None else [tuple(p) for p in ig])
     with open(Path(cache_dir) / COMPUTE_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(json.dumps({"key": key, "index": index, "pid": os.getpid(),
                                    "seconds": round(time.perf_counter() - started, 3)}) + "\n")
@@ -174,14 +211,22 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
     logger.info("auditing %d images in %d batches with model %s (%s)",
                 selection.manifest["image_key"].nunique(), len(batches), model.name,
                 model.fingerprint[:12])
+    tell_plan(selection, settings, model, Path(sidecar["images_dir"]))
 
     tick = time.perf_counter()
-    futures = [audit_batch_task.submit(b.index, b.key, b.image_keys, str(manifest_path),
-                                       sidecar["images_dir"], settings.to_dict(),
-                                       [list(p) for p in b.costly], str(cache_dir))
-               for b in batches]
-    batch_dirs = [Path(f.result()) for f in tqdm(futures, desc="explain+score", unit="batch",
-                                                 disable=not settings.progress)]
+    in_order = settings.runner != "dask"  # one process runs the batches in turn: prefetch
+    futures = [audit_batch_task.submit(
+        b.index, b.key, b.image_keys, str(manifest_path), sidecar["images_dir"],
+        settings.to_dict(), [list(p) for p in b.costly], str(cache_dir),
+        ig=None if b.ig is None else [list(p) for p in b.ig],
+        prefetch=(nxt.key, nxt.image_keys) if in_order and nxt is not None else None)
+        for b, nxt in zip(batches, [*batches[1:], None], strict=True)]
+    try:
+        batch_dirs = [Path(f.result()) for f in tqdm(futures, desc="explain+score",
+                                                     unit="batch",
+                                                     disable=not settings.progress)]
+    finally:
+        close_prefetchers()
     timings["explain_score"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -192,6 +237,18 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
     staging = assemble_run(run, batch_dirs, context)
     timings["assemble"] = time.perf_counter() - tick
     return run, staging
+
+
+def tell_plan(selection: plan.Selection, settings: AuditSettings, model: Any,
+              images_root: Path) -> None:
+    """Print the run's plan and its estimated time (a short calibration of this machine)
+    before any batch starts."""
+    from audit.run import estimate
+
+    calibration = estimate.calibrate(model, settings, selection.manifest, images_root)
+    text = estimate.describe(estimate.run_plan(selection, settings), calibration, settings,
+                             str(model.device))
+    get_run_logger().info("%s", text)
 
 
 def report_and_finish(run: RunDirectory, registry: str | None) -> tuple[str, str]:

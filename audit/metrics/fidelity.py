@@ -18,7 +18,8 @@ Baselines: ``"blur"`` (Gaussian blur of the image, ``blur_sigma`` px, kernel rad
 ``ceil(3 sigma)``, reflect padding), ``"zero"``, ``"mean"`` (per-channel mean of the image), or
 a tensor broadcastable to the image. Every masked variant (deletion and insertion together) is
 evaluated as one batch (split into ``batch_size`` chunks when given) under
-``torch.inference_mode()``.
+``torch.inference_mode()``; `deletion_insertion_curves_many` packs the variants of many images,
+maps and orders into the same chunks (the audit's costly pairs).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "step_counts",
     "curve_auc",
     "deletion_insertion_curves",
+    "deletion_insertion_curves_many",
+    "CurveSpec",
     "fidelity_scores",
     "fidelity_table",
 ]
@@ -169,44 +172,91 @@ def deletion_insertion_curves(
 ) -> FidelityCurves:
     """Deletion and insertion curves of ``predict_fn`` (``[N, C, H, W] -> [N]``, e.g. the
     target's probability) for one ``image [C, H, W]`` and ``saliency [H, W]``."""
+    spec = CurveSpec(image, saliency, order=order, seed=seed)
+    return deletion_insertion_curves_many(
+        lambda batch, _which: predict_fn(batch), [spec], step_fraction=step_fraction,
+        baseline=baseline, blur_sigma=blur_sigma, batch_size=batch_size)[0]
+
+
+@dataclass
+class CurveSpec:
+    """One curve pair of `deletion_insertion_curves_many`: an image ``[C, H, W]``, its saliency
+    ``[H, W]``, the pixel order and its seed."""
+
+    image: torch.Tensor
+    saliency: object
+    order: Literal["saliency", "random"] = "saliency"
+    seed: int = 0
+
+
+def _ranks(spec: CurveSpec) -> np.ndarray:
+    """``[H, W]``: each pixel's position in the spec's order."""
+    saliency = spec.saliency
     if isinstance(saliency, torch.Tensor):
         saliency = saliency.detach().float().cpu().numpy()
-    c, h, w = image.shape
+    c, h, w = spec.image.shape
     if np.asarray(saliency).shape != (h, w):
         raise ValueError(f"saliency {np.asarray(saliency).shape} does not match image {(h, w)}")
-    base = make_baseline(image, baseline, blur_sigma)
+    perm = pixel_order(saliency, spec.order, spec.seed)
+    rank = np.empty(h * w, dtype=np.int64)
+    rank[perm] = np.arange(h * w)
+    return rank.reshape(h, w)
+
+
+def deletion_insertion_curves_many(
+    predict_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    specs: list[CurveSpec],
+    step_fraction: float = 0.02,
+    baseline="blur",
+    blur_sigma: float = 5.0,
+    batch_size: int | None = None,
+) -> list[FidelityCurves]:
+    """`deletion_insertion_curves` of several (image, saliency, order) specs, every masked
+    variant of every spec packed into the same chunks of ``batch_size`` (one chunk when None).
+    ``predict_fn(batch [N, C, H, W], which [N]) -> [N]``: ``which`` holds the spec index of
+    each variant (so each can be scored for its own target). All images share one shape."""
+    if not specs:
+        return []
+    images = torch.stack([s.image for s in specs])
+    n_specs, _c, h, w = images.shape
+    bases = torch.stack([make_baseline(s.image, baseline, blur_sigma) for s in specs])
     hw = h * w
     ks = step_counts(hw, step_fraction)
-    perm = pixel_order(saliency, order, seed)
-    rank = np.empty(hw, dtype=np.int64)
-    rank[perm] = np.arange(hw)
-    rank_t = torch.as_tensor(rank.reshape(h, w), device=image.device)
-    ks_t = torch.as_tensor(ks, device=image.device)
+    device = images.device
+    rank_t = torch.as_tensor(np.stack([_ranks(s) for s in specs]), device=device)
+    ks_t = torch.as_tensor(ks, device=device)
     n_pts = len(ks)
+    per_spec = 2 * n_pts
 
-    def variants(lo: int, hi: int) -> torch.Tensor:
-        # Rows 0..n_pts-1: deletion; n_pts..2*n_pts-1: insertion.
-        idx = torch.arange(lo, hi, device=image.device)
-        k = ks_t[idx % n_pts]
-        changed = (rank_t.unsqueeze(0) < k.view(-1, 1, 1)).unsqueeze(1)  # [m, 1, H, W]
-        is_del = (idx < n_pts).view(-1, 1, 1, 1)
+    def variants(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Variant v of spec s is row s * 2n + v: v < n deletion, else insertion.
+        idx = torch.arange(lo, hi, device=device)
+        which, v = idx // per_spec, idx % per_spec
+        k = ks_t[v % n_pts]
+        changed = (rank_t[which] < k.view(-1, 1, 1)).unsqueeze(1)  # [m, 1, H, W]
+        is_del = (v < n_pts).view(-1, 1, 1, 1)
         take_base = torch.where(is_del, changed, ~changed)
-        return torch.where(take_base, base.unsqueeze(0), image.unsqueeze(0))
+        return torch.where(take_base, bases[which], images[which]), which
 
-    total = 2 * n_pts
+    total = n_specs * per_spec
     chunk = total if not batch_size else int(batch_size)
     outs = []
     with torch.inference_mode():
         for lo in range(0, total, chunk):
-            out = predict_fn(variants(lo, min(total, lo + chunk)))
+            out = predict_fn(*variants(lo, min(total, lo + chunk)))
             outs.append(out.detach().reshape(-1).double().cpu())
     values = torch.cat(outs).numpy()
     if values.shape[0] != total:
         raise ValueError(f"predict_fn returned {values.shape[0]} values for {total} inputs")
     x = ks / hw
-    dele, ins = values[:n_pts], values[n_pts:]
     name = baseline if isinstance(baseline, str) else "tensor"
-    return FidelityCurves(x, dele, ins, curve_auc(x, dele), curve_auc(x, ins), order, name)
+    curves = []
+    for i, spec in enumerate(specs):
+        row = values[i * per_spec:(i + 1) * per_spec]
+        dele, ins = row[:n_pts], row[n_pts:]
+        curves.append(FidelityCurves(x, dele, ins, curve_auc(x, dele), curve_auc(x, ins),
+                                     spec.order, name))
+    return curves
 
 
 def fidelity_scores(

@@ -22,9 +22,10 @@ from audit.data.nih import to_model_finding
 from audit.metrics.localization import localization_table
 from audit.metrics.pointing import pointing_tolerance_px
 from audit.protocol import NIH_FRAME_PX
-from audit.run.costly import costly_metrics
-from audit.run.images import LoadedImage, load_batch_images, reject_row
-from audit.saliency import explain_all
+from audit.run.costly import CostlyPair, costly_metrics
+from audit.run.images import LoadedBatch, LoadedImage, load_batch_images, reject_row
+from audit.run.plan import IG_METHOD
+from audit.saliency.batched import BatchExplanation, explain_batch
 from audit.store.files import atomic_write_bytes, atomic_write_json, atomic_write_table, write_npz
 from audit.store.gallery_maps import gallery_entry
 from audit.store.rundir import (
@@ -126,27 +127,38 @@ def box_rows(item: LoadedImage, finding: str, maps: dict[str, np.ndarray],
 
 
 def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: AuditSettings,
-                costly: Iterable[tuple[str, str]], out_dir: Path) -> Path:
+                costly: Iterable[tuple[str, str]], out_dir: Path,
+                loaded: LoadedBatch | None = None,
+                ig_pairs: Iterable[tuple[str, str]] | None = None) -> Path:
     """Explain and score one batch; write its folder atomically (staged, then renamed) and
-    return it."""
+    return it. ``loaded``: the batch's images when already decoded (`ImagePrefetcher`);
+    ``ig_pairs``: the (image, finding) pairs IG explains (None: every target)."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     (staging / "thumbs").mkdir(parents=True)
     tables = BatchTables()
-    loaded, tables.rejects = load_batch_images(rows, images_root, settings.image_size)
-    for item in loaded:
+    items, tables.rejects = loaded or load_batch_images(rows, images_root, settings.image_size)
+    tables.rejects = list(tables.rejects)
+    for item in items:
         atomic_write_bytes(staging / "thumbs" / thumbnail_name(item.key), item.thumb_png)
-    logits, probs = _predict(model, loaded)
+    groups = {str(key): group for key, group in rows.groupby("image_key", sort=False)}
+    targets = [image_targets(model, groups[item.key], item, tables.rejects) for item in items]
+    names = list(settings.methods) + list(settings.baselines)
+    explained = _explain(model, items, targets, names, settings, ig_pairs)
+    logits_np = explained.logits.float().cpu().numpy()
+    probs = model.probabilities_from_logits(explained.logits).float().cpu().numpy()
     costly_set = {tuple(p) for p in costly}
-    for index, item in enumerate(loaded):
-        group = rows[rows["image_key"] == item.key]
-        tables.predictions += prediction_rows(model, group, item, logits[index], probs[index])
-        targets = image_targets(model, group, item, tables.rejects)
-        if targets:
-            _explain_and_score(model, item, group, targets, logits[index], probs[index],
-                               costly_set, settings, tables)
+    pairs: list[CostlyPair] = []
+    for index, item in enumerate(items):
+        group = groups[item.key]
+        tables.predictions += prediction_rows(model, group, item, logits_np[index],
+                                             probs[index])
+        if targets[index]:
+            pairs += _score_image(model, item, group, targets[index], explained, index,
+                                  logits_np[index], probs[index], costly_set, settings, tables)
+    _add_costly(model, pairs, settings, tables)
     _write_batch(staging, tables, settings.save_maps)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -154,30 +166,41 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
     return out_dir
 
 
-def _predict(model: Any, loaded: list[LoadedImage]) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and probabilities of the batch's images from one forward."""
-    if not loaded:
-        empty = np.zeros((0, len(model.pathologies)))
-        return empty, empty
-    stacked = torch.stack([item.tensor for item in loaded]).to(model.device)
-    with torch.inference_mode():
-        logits = model.logits(stacked)
-        probs = model.probabilities_from_logits(logits)
-    return logits.float().cpu().numpy(), probs.float().cpu().numpy()
+def _explain(model: Any, items: list[LoadedImage], targets: list[list[str]], names: list[str],
+             settings: AuditSettings,
+             ig_pairs: Iterable[tuple[str, str]] | None) -> BatchExplanation:
+    """One batch-level explanation of every image and target (`explain_batch`); IG only on
+    ``ig_pairs`` when given."""
+    if not items:
+        empty = torch.zeros((0, len(model.pathologies)))
+        return BatchExplanation(logits=empty, results=[], targets={n: [] for n in names})
+    x = torch.stack([item.tensor for item in items]).to(model.device)
+    indices = [[model.finding_index(t) for t in found] for found in targets]
+    own: dict[str, list[list[int]]] = {}
+    if ig_pairs is not None and IG_METHOD in names:
+        chosen = {tuple(p) for p in ig_pairs}
+        own[IG_METHOD] = [[model.finding_index(t) for t in found if (item.key, t) in chosen]
+                          for item, found in zip(items, targets, strict=True)]
+    return explain_batch(model, x, indices, names, method_targets=own,
+                         **settings.saliency_options())
 
 
-def _explain_and_score(model: Any, item: LoadedImage, group: pd.DataFrame, targets: list[str],
-                       logits: np.ndarray, probs: np.ndarray, costly_set: set[tuple[str, str]],
-                       settings: AuditSettings, tables: BatchTables) -> None:
-    x = item.tensor.unsqueeze(0).to(model.device)
-    target_idx = torch.tensor([[model.finding_index(t) for t in targets]], device=model.device)
-    names = list(settings.methods) + list(settings.baselines)
-    results = explain_all(model, x, target_idx, names, **settings.saliency_options())
-    for k, finding in enumerate(targets):
+def _score_image(model: Any, item: LoadedImage, group: pd.DataFrame, targets: list[str],
+                 explained: BatchExplanation, index: int, logits: np.ndarray,
+                 probs: np.ndarray, costly_set: set[tuple[str, str]], settings: AuditSettings,
+                 tables: BatchTables) -> list[CostlyPair]:
+    """Image, box and map rows of one image's targets; returns its costly pairs."""
+    results = explained.results[index]
+    pairs = []
+    boxed = group.dropna(subset=["box_x"])
+    for finding in targets:
         out = model.finding_index(finding)
         prob, logit = float(probs[out]), float(logits[out])
         positive: dict[str, np.ndarray] = {}
-        for method in names:
+        ks = {m: explained.map_index(index, m, out) for m in explained.targets}
+        for method in [m for m in explained.targets if ks[m] is not None]:
+            k = ks[method]
+            # The one place where each (image, finding, method) map is a numpy array.
             saliency = results[method].maps[0, k].detach().float().cpu().numpy()
             positive[method] = np.clip(saliency, 0, None)
             tables.add_to_average(method, finding, positive[method])
@@ -189,18 +212,26 @@ def _explain_and_score(model: Any, item: LoadedImage, group: pd.DataFrame, targe
             extras = {n: float(v[0, k]) for n, v in results[method].extras.items()}
             tables.images.append({"image_key": item.key, "finding": finding, "method": method,
                                   "probability": prob, "logit": logit, **extras})
-        boxes = group[group["model_finding"] == finding].dropna(subset=["box_x"])
+        boxes = boxed[boxed["model_finding"] == finding]
         if len(boxes):
             tables.boxes += box_rows(item, finding, positive, boxes, prob, logit,
                                      settings.threshold)
         if (item.key, finding) in costly_set:
             in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
-            figures, curves = costly_metrics(model, item, finding, results, k, in_model,
-                                             pointing_tolerance_for(item), settings)
-            for row in tables.images:
-                if row["image_key"] == item.key and row["finding"] == finding:
-                    row.update(figures.get(row["method"], {}))
-            tables.curves += curves
+            pairs.append(CostlyPair(item, finding, results, ks, in_model,
+                                    pointing_tolerance_for(item)))
+    return pairs
+
+
+def _add_costly(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
+                tables: BatchTables) -> None:
+    """The costly figures into the image rows of their pairs, their curves into the table."""
+    if not pairs:
+        return
+    figures, curves = costly_metrics(model, pairs, settings)
+    for row in tables.images:
+        row.update(figures.get((row["image_key"], row["finding"], row["method"]), {}))
+    tables.curves += curves
 
 
 def _write_batch(staging: Path, tables: BatchTables, save_maps: bool) -> None:

@@ -1,9 +1,17 @@
-"""The costly metric families for one sampled (image, finding): repeatability, cascading
-randomization and deletion/insertion fidelity, for every saliency method of the run."""
+"""The costly metric families for the sampled (image, finding) pairs of a batch: repeatability,
+cascading randomization and deletion/insertion fidelity, for every saliency method of the run.
+
+Batched: the randomization cascade re-explains every method of every pair of the batch from each
+randomized copy in one pass (Grad-CAM and Grad-CAM++ share one forward; IG packs the path points
+of all pairs); the fidelity curves of all pairs, methods and orders are scored in shared chunks.
+Each map depends only on its own image and target (the network is in eval mode), so the figures
+are those of one pair at a time (tests/test_run.py::test_costly_metrics_equal_the_one_pair_path).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,61 +20,127 @@ import torch
 from audit.config import AuditSettings
 from audit.metrics import fidelity, randomization, repeatability
 from audit.run.images import LoadedImage
-from audit.saliency import get_method
+from audit.saliency import explain_all, get_method
+
+FIDELITY_ORDERS = ("saliency", "random")
 
 
-def costly_metrics(model: Any, item: LoadedImage, finding: str, results: dict[str, Any], k: int,
-                   boxes: np.ndarray, tolerance_px: float, settings: AuditSettings
-                   ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """``({method: figures}, curve rows)`` for target ``k`` of ``results`` (the image's maps);
-    ``boxes`` in the model's frame."""
-    x = item.tensor.unsqueeze(0).to(model.device)
-    out_index = model.finding_index(finding)
-    target = torch.tensor([[out_index]], device=model.device)
-    options = settings.saliency_options()
-    per_method: dict[str, dict[str, float]] = {}
+@dataclass
+class CostlyPair:
+    """One sampled (image, finding): its maps (``{method: SaliencyResult}`` of the image, the
+    pair's map at position ``k[method]``), its boxes in the model's frame and the pointing
+    tolerance."""
+
+    item: LoadedImage
+    finding: str
+    results: dict[str, Any]
+    k: dict[str, int | None]
+    boxes: np.ndarray
+    tolerance_px: float
+
+    def original(self, method: str) -> np.ndarray:
+        return self.results[method].maps[0, self.k[method]].detach().float().cpu().numpy()
+
+    def tag(self, method: str) -> dict[str, str]:
+        return {"image_key": self.item.key, "finding": self.finding, "method": method}
+
+
+Figures = dict[tuple[str, str, str], dict[str, float]]
+
+
+def costly_metrics(model: Any, pairs: list[CostlyPair], settings: AuditSettings
+                   ) -> tuple[Figures, list[dict[str, Any]]]:
+    """``({(image_key, finding, method): figures}, curve rows)`` for the batch's pairs."""
+    figures: Figures = {(p.item.key, p.finding, m): {} for p in pairs for m in settings.methods}
     curves: list[dict[str, Any]] = []
+    if not pairs or not settings.methods:
+        return figures, curves
+    if "repeatability" in settings.metrics:
+        _repeatability(model, pairs, settings, figures)
+    if "randomization" in settings.metrics:
+        curves += _randomization(model, pairs, settings, figures)
+    if "fidelity" in settings.metrics:
+        curves += _fidelity(model, pairs, settings, figures)
+    return figures, curves
+
+
+def _explain_fn(model: Any, method: str, options: dict[str, Any]) -> Callable[..., np.ndarray]:
+    explainer = get_method(method, **options)
+
+    def explain_fn(net: torch.nn.Module, images: torch.Tensor,
+                   targets: torch.Tensor) -> np.ndarray:
+        maps = explainer.explain(model.with_net(net), images, targets).maps
+        return maps.detach().float().cpu().numpy()
+
+    return explain_fn
+
+
+def _repeatability(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
+                   figures: Figures) -> None:
+    options = settings.saliency_options()
     for method in settings.methods:
-        explainer = get_method(method, **options)
-        original = results[method].maps[0, k].detach().float().cpu().numpy()
-
-        def explain_fn(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                       _explainer: Any = explainer) -> np.ndarray:
-            maps = _explainer.explain(model.with_net(net), images, targets).maps
-            return maps.detach().float().cpu().numpy()
-
-        tag = {"image_key": item.key, "finding": finding, "method": method}
-        figures: dict[str, float] = {}
-        if "repeatability" in settings.metrics:
-            figures.update(repeatability.repeatability_figures(
-                explain_fn=explain_fn, net=model.net, image=x[0], target=out_index,
-                original_map=original, boxes=boxes, threshold=settings.threshold,
-                tolerance_px=tolerance_px, noise_sigma=settings.noise_sigma * 2048.0,
+        explain_fn = _explain_fn(model, method, options)
+        for p in pairs:
+            figures[(p.item.key, p.finding, method)].update(repeatability.repeatability_figures(
+                explain_fn=explain_fn, net=model.net,
+                image=p.item.tensor.to(model.device), target=model.finding_index(p.finding),
+                original_map=p.original(method), boxes=p.boxes, threshold=settings.threshold,
+                tolerance_px=p.tolerance_px, noise_sigma=settings.noise_sigma * 2048.0,
                 shift_px=settings.shift_px, seed=settings.seed))
-        if "randomization" in settings.metrics:
-            blocks = settings.randomization_blocks or list(randomization.DENSENET_CASCADE)
-            cascade = randomization.cascading_randomization(
-                model.net, x, target, explain_fn, seed=settings.seed, blocks=blocks,
-                original_maps=original[None, None])
-            curves += [{**tag, **{c: row[c] for c in ("family", "step", "x", "label", "metric",
-                                                      "value")}}
-                       for row in randomization.curve_long_rows(cascade)]
-            figures.update(randomization.randomization_figures(cascade))
-        if "fidelity" in settings.metrics:
-            for order in ("saliency", "random"):
-                curve = fidelity.deletion_insertion_curves(
-                    _probability_of(model, out_index), x[0], original,
-                    step_fraction=settings.fidelity_step, baseline=settings.fidelity_baseline,
-                    order=order, seed=settings.seed, batch_size=settings.fidelity_batch_size)
-                figures.update(curve.figures())
-                curves += [{**tag, "label": "", "metric": "probability", **row}
-                           for row in curve.long_rows()]
-        per_method[method] = figures
-    return per_method, curves
 
 
-def _probability_of(model: Any, out_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def predict(batch: torch.Tensor) -> torch.Tensor:
-        return model.probabilities(batch)[:, out_index]
+def _randomization(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
+                   figures: Figures) -> list[dict[str, Any]]:
+    """One cascade for all pairs: image ``n`` of the cascade is pair ``n``, target ``j`` is
+    method ``j`` (every column holds the pair's finding)."""
+    methods = list(settings.methods)
+    options = settings.saliency_options()
+    x = torch.stack([p.item.tensor for p in pairs]).to(model.device)
+    out = [model.finding_index(p.finding) for p in pairs]
+    targets = torch.tensor([[o] * len(methods) for o in out], device=model.device)
+    original = np.stack([np.stack([p.original(m) for m in methods]) for p in pairs])
 
-    return predict
+    def explain_fn(net: torch.nn.Module, images: torch.Tensor,
+                   columns: torch.Tensor) -> np.ndarray:
+        results = explain_all(model.with_net(net), images, columns[:, :1], methods, **options)
+        return np.stack([results[m].maps[:, 0].detach().float().cpu().numpy()
+                         for m in methods], axis=1)
+
+    blocks = settings.randomization_blocks or list(randomization.DENSENET_CASCADE)
+    cascade = randomization.cascading_randomization(
+        model.net, x, targets, explain_fn, seed=settings.seed, blocks=blocks,
+        original_maps=original)
+    rows: list[dict[str, Any]] = []
+    for (n, j), part in cascade.groupby(["image_index", "target_index"], sort=True):
+        pair, method = pairs[int(n)], methods[int(j)]
+        figures[(pair.item.key, pair.finding, method)].update(
+            randomization.randomization_figures(part))
+        rows += [{**pair.tag(method), **{c: row[c] for c in ("family", "step", "x", "label",
+                                                              "metric", "value")}}
+                 for row in randomization.curve_long_rows(part)]
+    return rows
+
+
+def _fidelity(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
+              figures: Figures) -> list[dict[str, Any]]:
+    """Deletion/insertion curves of every pair x method x order in shared chunks."""
+    keys = [(p, m, order) for p in pairs for m in settings.methods for order in FIDELITY_ORDERS]
+    specs = [fidelity.CurveSpec(p.item.tensor.to(model.device), p.original(m), order=order,
+                                seed=settings.seed) for p, m, order in keys]
+    out_index = torch.tensor([model.finding_index(p.finding) for p, _m, _o in keys],
+                             device=model.device)
+
+    def predict(batch: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        probs = model.probabilities(batch)
+        return probs[torch.arange(len(which), device=probs.device), out_index[which]]
+
+    curves = fidelity.deletion_insertion_curves_many(
+        predict, specs, step_fraction=settings.fidelity_step,
+        baseline=settings.fidelity_baseline, batch_size=settings.fidelity_batch_size)
+    rows: list[dict[str, Any]] = []
+    for (pair, method, _order), curve in zip(keys, curves, strict=True):
+        figures[(pair.item.key, pair.finding, method)].update(curve.figures())
+        rows += [{**pair.tag(method), "label": "", "metric": "probability", **row}
+                 for row in curve.long_rows()]
+    return rows
+

@@ -24,6 +24,8 @@ from audit.store.rundir import BOX_GEOMETRY
 COSTLY_SEED_OFFSET = 1
 CAP_SEED_OFFSET = 2
 LIMIT_SEED_OFFSET = 3
+IG_SEED_OFFSET = 4
+IG_METHOD = "integrated_gradients"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,8 @@ class Selection:
     manifest: pd.DataFrame
     costly: list[tuple[str, str]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
+    #: The (image, finding) pairs IG explains; None: every target (no ``ig_per_pathology``).
+    ig: list[tuple[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class BatchPlan:
     key: str
     image_keys: list[str]
     costly: list[tuple[str, str]]
+    ig: list[tuple[str, str]] | None = None
 
 
 def _sampled_keys(df: pd.DataFrame, per_group: int, group_col: str, seed: int) -> set[str]:
@@ -68,18 +73,46 @@ def select_images(manifest: pd.DataFrame, settings: AuditSettings) -> Selection:
     selected = manifest[manifest["image_key"].isin(chosen)].copy()
     selected = selected.sort_values(["image_key", "finding", "box_index"], na_position="first")
     record["images"] = sorted(chosen)
-    costly = costly_pairs(selected, settings)
+    ig = ig_pairs(selected, settings)
+    if ig is not None:
+        record["ig_per_pathology"] = settings.ig_per_pathology
+        record["ig_sample"] = [list(p) for p in ig]
+    costly = costly_pairs(selected, settings, within=ig)
     record["costly_sample"] = [list(p) for p in costly]
-    return Selection(manifest=selected.reset_index(drop=True), costly=costly, record=record)
+    return Selection(manifest=selected.reset_index(drop=True), costly=costly, record=record,
+                     ig=ig)
 
 
-def costly_pairs(selected: pd.DataFrame, settings: AuditSettings) -> list[tuple[str, str]]:
+def _boxed_pairs(selected: pd.DataFrame) -> pd.DataFrame:
+    return (selected.dropna(subset=["box_x"])[["image_key", "model_finding"]]
+            .drop_duplicates().reset_index(drop=True))
+
+
+def ig_pairs(selected: pd.DataFrame, settings: AuditSettings) -> list[tuple[str, str]] | None:
+    """With ``ig_per_pathology`` N (and IG among the methods): up to N boxed (image, model
+    finding) pairs per model finding, drawn by `stratified_sample` (pairs in image-key order,
+    seed ``seed + IG_SEED_OFFSET``); IG explains only these, every other method every target.
+    None otherwise (IG on every target)."""
+    if not settings.ig_per_pathology or IG_METHOD not in settings.methods:
+        return None
+    drawn = stratified_sample(_boxed_pairs(selected), settings.ig_per_pathology,
+                              "model_finding", seed=int(settings.seed) + IG_SEED_OFFSET,
+                              sort_by=["image_key"])
+    return sorted((str(k), str(f)) for k, f in zip(drawn["image_key"], drawn["model_finding"],
+                                                   strict=True))
+
+
+def costly_pairs(selected: pd.DataFrame, settings: AuditSettings,
+                 within: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """Up to ``costly_per_pathology`` boxed images per model finding (then at most
-    ``costly_max_pairs`` in all) for repeatability, randomization and fidelity."""
+    ``costly_max_pairs`` in all) for repeatability, randomization and fidelity; drawn among
+    ``within`` (the IG sample, so every method has the pair's map) when given."""
     if not (set(settings.metrics) - {"localization"}) or settings.costly_per_pathology <= 0:
         return []
-    pairs = (selected.dropna(subset=["box_x"])[["image_key", "model_finding"]]
-             .drop_duplicates().reset_index(drop=True))
+    pairs = _boxed_pairs(selected)
+    if within is not None:
+        keep = pd.MultiIndex.from_tuples(within, names=["image_key", "model_finding"])
+        pairs = pairs[pd.MultiIndex.from_frame(pairs).isin(keep)].reset_index(drop=True)
     seed = int(settings.seed)
     drawn = stratified_sample(pairs, settings.costly_per_pathology, "model_finding",
                               seed=seed + COSTLY_SEED_OFFSET, sort_by=["image_key"])
@@ -107,13 +140,15 @@ def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
 
 def batch_cache_key(rows: pd.DataFrame, costly: Iterable[tuple[str, str]],
                     model_fingerprint: str, settings: AuditSettings,
-                    code: str | None = None) -> str:
+                    code: str | None = None,
+                    ig: Iterable[tuple[str, str]] | None = None) -> str:
     """A key from content only: image bytes, boxes, model weights, settings, preprocessing and
     the package's code (``code``: `code_fingerprint()` of the installed package by default)."""
     payload = {
         "images": sorted(zip(rows["image_key"], rows["sha256"], strict=True)),
         "boxes": rows[["image_key", "model_finding", *BOX_GEOMETRY]].astype(str).values.tolist(),
         "costly": sorted(tuple(p) for p in costly),
+        "ig": None if ig is None else sorted(tuple(p) for p in ig),
         "model": model_fingerprint,
         "settings": settings.compute_key(),
         "preprocess": preprocess_settings(settings.image_size),
@@ -133,6 +168,7 @@ def plan_batches(selection: Selection, settings: AuditSettings,
         rows = selection.manifest[selection.manifest["image_key"].isin(image_keys)]
         members = set(image_keys)
         costly = [p for p in selection.costly if p[0] in members]
-        key = batch_cache_key(rows, costly, model_fingerprint, settings)
-        plans.append(BatchPlan(index, key, image_keys, costly))
+        ig = None if selection.ig is None else [p for p in selection.ig if p[0] in members]
+        key = batch_cache_key(rows, costly, model_fingerprint, settings, ig=ig)
+        plans.append(BatchPlan(index, key, image_keys, costly, ig))
     return plans

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 __all__ = [
     "CamInputs",
     "cam_inputs",
+    "closed_form_applies",
+    "closed_form_inputs",
+    "logits_from_features",
     "gradcam_weights",
     "gradcampp_weights",
     "weighted_cam",
@@ -59,7 +62,7 @@ class CamInputs:
         return int(self.activations.shape[-2] * self.activations.shape[-1])
 
 
-def _closed_form_applies(model, target_layer: str, pre_relu: bool) -> bool:
+def closed_form_applies(model, target_layer: str, pre_relu: bool) -> bool:
     net = model.net
     return (target_layer == "features.norm5" and not pre_relu
             and hasattr(net, "rectified_features") and hasattr(net, "classifier"))
@@ -82,17 +85,14 @@ def cam_inputs(model, x: torch.Tensor, targets: torch.Tensor,
     """One forward (and, on the general path, one batched backward) for all ``targets [B, K]``."""
     size = (int(x.shape[-2]), int(x.shape[-1]))
     if closed_form == "auto":
-        closed_form = _closed_form_applies(model, target_layer, pre_relu)
-    elif closed_form and not _closed_form_applies(model, target_layer, pre_relu):
+        closed_form = closed_form_applies(model, target_layer, pre_relu)
+    elif closed_form and not closed_form_applies(model, target_layer, pre_relu):
         raise ValueError("the closed form applies only to the rectified 'features.norm5' map "
                          "(pre_relu=False) of a hook-safe DenseNet")
     if closed_form:
         with torch.inference_mode():
             acts = model.features(x)
-            w = model.net.classifier.weight
-            h, wd = acts.shape[-2:]
-            g = w[targets] / float(h * wd)  # [B, K, C]
-        return CamInputs(acts.clone(), size, grad_const=g.clone(), closed_form=True)
+        return closed_form_inputs(model, acts, targets, size)
 
     module = _resolve_module(model.net, target_layer, pre_relu)
     captured: dict[str, torch.Tensor] = {}
@@ -120,6 +120,25 @@ def cam_inputs(model, x: torch.Tensor, targets: torch.Tensor,
         grads = torch.autograd.grad(logits, acts, onehot, is_grads_batched=True)[0]
     return CamInputs(acts.detach().clone(), size, grads=grads.transpose(0, 1).detach(),
                      closed_form=False)
+
+
+def closed_form_inputs(model, acts: torch.Tensor, targets: torch.Tensor,
+                       input_size: tuple[int, int]) -> CamInputs:
+    """The closed-form `CamInputs` of activations ``acts`` (``model.features(x)``) already
+    computed: the gradient of logit ``c`` is ``W_c / (h·w)`` at every position."""
+    with torch.inference_mode():
+        w = model.net.classifier.weight
+        h, wd = acts.shape[-2:]
+        g = w[targets] / float(h * wd)  # [B, K, C]
+    return CamInputs(acts.clone(), input_size, grad_const=g.clone(), closed_form=True)
+
+
+def logits_from_features(model, acts: torch.Tensor) -> torch.Tensor:
+    """The logits ``[B, P]`` from ``model.features(x)``: the same pooling and classifier ops, in
+    the same order, as ``model.logits(x)`` (so the same numbers, without a second forward)."""
+    with torch.inference_mode():
+        pooled = F.adaptive_avg_pool2d(acts, (1, 1)).view(acts.size(0), -1)
+        return model.net.classifier(pooled)
 
 
 def gradcam_weights(ci: CamInputs) -> torch.Tensor:

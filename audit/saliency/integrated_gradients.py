@@ -17,6 +17,14 @@ loop is ~1.8x faster (vmap's batched backward runs slower there), on an H200 the
 backward is ~1.36x faster than the loop). Path points of all images of the
 batch are flattened and processed in chunks of ``internal_batch_size`` points.
 
+``explain_pairs`` takes ragged (image, target) pairs instead (the audit's batches: each image has
+its own findings): the path points of every pair are packed into the same chunks, each point
+with its own target, so one forward and one backward per chunk give every point's gradient
+(exactly ``steps`` forward+backward per pair: the floor). ``internal_batch_size=None`` (the
+default) sizes the chunks automatically: on CUDA from the free device memory and the bytes one
+point keeps for its backward (measured once per model and input size), elsewhere
+``CPU_CHUNK`` points.
+
 Baselines (``baseline``): ``"black"`` = the darkest value of torchxrayvision's range, -1024 (an
 all-black radiograph; *not* 0, which is mid-grey in that range); ``"zeros"`` = 0 (mid-grey);
 ``"mean"`` = the image's own mean, per image and channel; ``"blurred"`` = the image after a
@@ -46,10 +54,17 @@ __all__ = [
     "make_baseline",
     "gaussian_blur",
     "BLACK",
+    "CPU_CHUNK",
+    "auto_chunk",
 ]
 
 #: The darkest value of torchxrayvision's input range [-1024, 1024].
 BLACK = -1024.0
+#: Path points per chunk off CUDA (automatic sizing): larger chunks do not run faster on a CPU.
+CPU_CHUNK = 25
+#: Share of the free CUDA memory the automatic chunk may fill, and its upper bound in points.
+CUDA_MEMORY_SHARE = 0.5
+CUDA_MAX_CHUNK = 1024
 
 #: Captum's rule names (same nodes and weights) plus the exact composite ``trapezoid``.
 QUADRATURE_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
@@ -125,10 +140,45 @@ def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black
                      "tensor")
 
 
+_POINT_BYTES: dict[tuple[int, tuple[int, ...], str], int] = {}
+
+
+def _bytes_per_point(model, x: torch.Tensor) -> int:
+    """Bytes the autograd graph keeps for one path point (saved tensors, counted per save, so an
+    overestimate), plus its input and gradient; measured once per network, shape and device."""
+    key = (id(model.net), tuple(x.shape[1:]), str(x.device))
+    if key not in _POINT_BYTES:
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        pt = x[:1].detach().clone().requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model.logits(pt)
+        del out
+        _POINT_BYTES[key] = saved[0] + 2 * pt.numel() * pt.element_size()
+    return _POINT_BYTES[key]
+
+
+def auto_chunk(model, x: torch.Tensor, n_points: int, configured: int | None) -> int:
+    """Path points per forward: ``configured`` when given; otherwise on CUDA the share
+    ``CUDA_MEMORY_SHARE`` of the free memory divided by `_bytes_per_point` (at most
+    ``CUDA_MAX_CHUNK``), elsewhere ``CPU_CHUNK``; never more than ``n_points``."""
+    if configured:
+        return max(1, min(int(configured), n_points))
+    if x.device.type != "cuda":
+        return max(1, min(CPU_CHUNK, n_points))
+    free, _total = torch.cuda.mem_get_info(x.device)
+    fit = int(CUDA_MEMORY_SHARE * free // max(1, _bytes_per_point(model, x)))
+    return max(1, min(fit, CUDA_MAX_CHUNK, n_points))
+
+
 class IntegratedGradients(SaliencyMethod):
     """Options (prefix ``ig_``): ``steps`` (50), ``method`` (``"gausslegendre"``),
     ``baseline`` (``"black"``), ``blur_sigma`` (10 px, for ``"blurred"``),
-    ``internal_batch_size`` (path points per forward, default 25),
+    ``internal_batch_size`` (path points per forward; None = automatic, see `auto_chunk`),
     ``multi_target`` (``"auto"`` | ``"loop"`` | ``"batched"``; auto = batched on CUDA, loop
     elsewhere; the loop is also the lighter in memory)."""
 
@@ -140,7 +190,7 @@ class IntegratedGradients(SaliencyMethod):
         "method": "gausslegendre",
         "baseline": "black",
         "blur_sigma": 10.0,
-        "internal_batch_size": 25,
+        "internal_batch_size": None,
         "multi_target": "auto",
     }
 
@@ -157,7 +207,7 @@ class IntegratedGradients(SaliencyMethod):
         x = x.detach()
         base = make_baseline(x, c["baseline"], float(c["blur_sigma"])).detach()
         diff = x - base
-        chunk = max(1, int(c["internal_batch_size"] or m * b))
+        chunk = auto_chunk(model, x, m * b, c["internal_batch_size"])
         alpha_t = torch.tensor(alphas, dtype=x.dtype, device=x.device)
         weight_t = torch.tensor(weights, dtype=torch.float64, device=x.device)
         total = torch.zeros((b, k) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
@@ -173,11 +223,7 @@ class IntegratedGradients(SaliencyMethod):
         for start in range(0, n_points, chunk):
             idx = torch.arange(start, min(start + chunk, n_points), device=x.device)
             img, step = idx // m, idx % m
-            pts = base[img] + alpha_t[step].view(-1, 1, 1, 1) * diff[img]
-            if last:
-                at_x = step == last[0]
-                pts[at_x] = x[img[at_x]]
-            pts.requires_grad_(True)
+            pts, at_x = _path_points(x, base, diff, alpha_t, img, step, last)
             with torch.enable_grad():
                 out = model.logits(pts).gather(1, targets[img])  # [n, K]
                 grads = self._input_grads(out, pts, mode)  # [K, n, C, H, W]
@@ -199,16 +245,56 @@ class IntegratedGradients(SaliencyMethod):
                 f_x = ends[:b].gather(1, targets).double()
             if not first:
                 f_base = ends[-b:].gather(1, targets).double()
-        delta_f = f_x - f_base
-        attribution_sum = maps64.sum(dim=(-2, -1))
-        gap = (attribution_sum - delta_f).abs()
-        maps = maps64.float()
-        extras = {
-            "completeness_gap": gap.float(),
-            "delta_f": delta_f.float(),
-            "attribution_sum": attribution_sum.float(),
-        }
-        return SaliencyResult(maps, maps, extras)
+        return _result(maps64, f_x, f_base)
+
+    def explain_pairs(self, model, x: torch.Tensor, image_index: torch.Tensor,
+                      target: torch.Tensor) -> SaliencyResult:
+        """IG of ``P`` (image, target) pairs: the same numbers as
+        ``explain(model, x[image_index], target[:, None])`` (maps ``[P, 1, H, W]``, extras
+        ``[P, 1]``), with the path points of all pairs packed into shared chunks."""
+        c = self.config
+        alphas, weights = quadrature(c["method"], int(c["steps"]))
+        m, p = len(alphas), int(target.shape[0])
+        x = x.detach()
+        image_index = image_index.to(x.device).long()
+        target = target.to(x.device).long()
+        base = make_baseline(x, c["baseline"], float(c["blur_sigma"])).detach()
+        diff = x - base
+        alpha_t = torch.tensor(alphas, dtype=x.dtype, device=x.device)
+        weight_t = torch.tensor(weights, dtype=torch.float64, device=x.device)
+        total = torch.zeros((p,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
+        first = [i for i, a in enumerate(alphas) if a == 0.0]
+        last = [i for i, a in enumerate(alphas) if a == 1.0]
+        f_base = torch.full((p,), float("nan"), dtype=torch.float64, device=x.device)
+        f_x = torch.full((p,), float("nan"), dtype=torch.float64, device=x.device)
+        n_points = p * m
+        chunk = auto_chunk(model, x, n_points, c["internal_batch_size"])
+        # point q <-> (pair q // m, step q % m); each point is differentiated for its own target
+        for start in range(0, n_points, chunk):
+            idx = torch.arange(start, min(start + chunk, n_points), device=x.device)
+            pair, step = idx // m, idx % m
+            pts, at_x = _path_points(x, base, diff, alpha_t, image_index[pair], step, last)
+            with torch.enable_grad():
+                out = model.logits(pts).gather(1, target[pair, None])[:, 0]
+                grads = torch.autograd.grad(out.sum(), pts)[0]
+            if first:
+                sel = step == first[0]
+                f_base[pair[sel]] = out.detach()[sel].double()
+            if last:
+                f_x[pair[at_x]] = out.detach()[at_x].double()
+            total.index_add_(0, pair, grads.to(torch.float64) * weight_t[step].view(-1, 1, 1, 1))
+            del out, grads, pts
+        maps64 = (total * diff[image_index].to(torch.float64)).sum(dim=1, keepdim=True)
+        need = ([] if last else [x]) + ([] if first else [base])
+        if need:
+            with torch.inference_mode():
+                ends = model.logits(torch.cat(need, dim=0)).double()
+            b = x.shape[0]
+            if not last:
+                f_x = ends[:b][image_index, target]
+            if not first:
+                f_base = ends[-b:][image_index, target]
+        return _result(maps64, f_x[:, None], f_base[:, None])
 
     @staticmethod
     def _input_grads(out: torch.Tensor, pts: torch.Tensor, mode: str) -> torch.Tensor:
@@ -222,3 +308,30 @@ class IntegratedGradients(SaliencyMethod):
         grads = [torch.autograd.grad(out[:, j].sum(), pts, retain_graph=j < k - 1)[0]
                  for j in range(k)]
         return torch.stack(grads)
+
+
+def _path_points(x: torch.Tensor, base: torch.Tensor, diff: torch.Tensor, alpha_t: torch.Tensor,
+                 img: torch.Tensor, step: torch.Tensor, last: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Path points ``x' + alpha (x - x')`` of images ``img`` at nodes ``step`` (the node at
+    alpha = 1, when the rule has one, set to ``x`` exactly), ready for the backward; and the
+    mask of the points at that node."""
+    pts = base[img] + alpha_t[step].view(-1, 1, 1, 1) * diff[img]
+    at_x = step == last[0] if last else torch.zeros_like(step, dtype=torch.bool)
+    if last:
+        pts[at_x] = x[img[at_x]]
+    return pts.requires_grad_(True), at_x
+
+
+def _result(maps64: torch.Tensor, f_x: torch.Tensor, f_base: torch.Tensor) -> SaliencyResult:
+    """Float32 maps ``[B, K, H, W]`` and the completeness extras from float64 sums."""
+    delta_f = f_x - f_base
+    attribution_sum = maps64.sum(dim=(-2, -1))
+    gap = (attribution_sum - delta_f).abs()
+    maps = maps64.float()
+    extras = {
+        "completeness_gap": gap.float(),
+        "delta_f": delta_f.float(),
+        "attribution_sum": attribution_sum.float(),
+    }
+    return SaliencyResult(maps, maps, extras)
