@@ -16,7 +16,8 @@ from audit.protocol import NIH_FRAME_PX, POINTING_TOLERANCE_AT_1024, method_kind
 from audit.store.rundir import RunData
 
 from .format import as_text, method_label
-from .pathology_context import CAM_METHODS, CAM_STRIDE
+from .pathology import DEFAULT_IMAGE_SIZE
+from .pathology_context import CAM_METHODS, cam_grid
 from .provenance import sub
 
 #: A slot at the end of the printed footer's content, where `print_pdf` adds a second line with
@@ -78,10 +79,9 @@ def _limitations(data: RunData, settings: dict[str, Any], methods: list[str],
     run = data.run
     out = []
     if any(m in CAM_METHODS for m in methods):
-        size = int(settings.get("image_size") or 224)
-        grid = size // CAM_STRIDE
+        grid, cell = cam_grid(int(settings.get("image_size") or DEFAULT_IMAGE_SIZE))
         out.append(f"Resolution: Grad-CAM and Grad-CAM++ maps come from a {grid} × {grid} grid "
-                   f"(about {NIH_FRAME_PX / grid:.0f} px per cell at {NIH_FRAME_PX:g} px): small "
+                   f"(about {cell:.0f} px per cell at {NIH_FRAME_PX:g} px): small "
                    "findings cannot reach a high IoU whatever the model does (each pathology's "
                    "section gives its ceiling).")
     costly = [COSTLY_FAMILIES[m] for m in settings.get("metrics") or [] if m in COSTLY_FAMILIES]

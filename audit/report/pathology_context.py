@@ -30,6 +30,13 @@ WARN_WHOLE_IMAGE = 0.5
 WARN_EMPTY = 0.25
 
 
+def cam_grid(image_size: int) -> tuple[int, float]:
+    """The CAM feature grid of a ``image_size`` px input: (cells per side, px per cell on the
+    1024 px frame)."""
+    grid = max(1, int(image_size) // CAM_STRIDE)
+    return grid, NIH_FRAME_PX / grid
+
+
 def best_grid_iou(w: float, h: float, cell: float) -> float:
     """The best IoU any rectangle of whole grid cells (side ``cell``) can reach with a ``w x h``
     box, over every placement of the box: per axis the overlap is at most ``min(w, k * cell)``
@@ -93,8 +100,7 @@ def box_geometry(b: pd.DataFrame, image_size: int) -> dict[str, Any]:
     fw, fh = units["width"].astype(float), units["height"].astype(float)
     scale = NIH_FRAME_PX / np.sqrt(fw * fh)
     med_w, med_h = float((w * scale).median()), float((h * scale).median())
-    grid = max(1, int(image_size) // CAM_STRIDE)
-    cell = NIH_FRAME_PX / grid
+    grid, cell = cam_grid(image_size)
     shares = []
     for _, g in b.drop_duplicates(["image_key", "model_finding", "box_index"]).groupby(
             ["image_key", "model_finding"], sort=False):

@@ -11,6 +11,7 @@ from pathlib import Path
 from audit.store.files import plain_file_mode, sha256_file
 
 from .certificate import REPORT_SHA_SLOT
+from .context import css_text
 from .html import ReportExistsError
 
 
@@ -19,7 +20,8 @@ def with_report_sha256(html: Path, folder: Path) -> Path:
     report file itself cannot carry its own hash). A report without the slot is copied as is."""
     digest = sha256_file(html)
     text = html.read_text(encoding="utf-8")
-    filled = text.replace(REPORT_SHA_SLOT, f'"\\A {html.name} sha256 {digest}"', 1)
+    line = css_text(f"{html.name} sha256 {digest}")  # a file name may hold a quote
+    filled = text.replace(REPORT_SHA_SLOT, f'"\\A {line}"', 1)
     copy = folder / html.name
     copy.write_text(filled, encoding="utf-8")
     return copy
