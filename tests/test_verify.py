@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from audit.cli import app
 from audit.model import load_model
 from audit.store.files import atomic_write_json, atomic_write_table
-from audit.store.rundir import RUN_JSON, hashed_files, read_run_json
+from audit.store.rundir import PER_PATHOLOGY_TP, RUN_JSON, hashed_files, read_run_json
 from audit.store.verify import FAIL, OK, WARN, exit_code, verify_run
 from tests.run_fixtures import TinyRun, build_run, demo_set_with_dicoms
 
@@ -200,3 +200,19 @@ def test_registry_without_the_run_fails_and_no_registry_skips(copy: Path, tmp_pa
     atomic_write_json(copy / RUN_JSON, run)
     checks = {c.name: c for c in verify_run(copy)}
     assert checks["registry"].status == "SKIP"
+
+
+def test_edited_true_positive_subset_is_caught_by_re_derivation(copy: Path) -> None:
+    """per_pathology_tp.csv is re-derived too: a forged row (or an edited value) fails."""
+    tp_path = copy / PER_PATHOLOGY_TP
+    table = pd.read_csv(tp_path) if tp_path.stat().st_size > 1 else pd.DataFrame()
+    if table.empty:  # the random model called no boxed image positive: forge one row
+        source = pd.read_csv(copy / "per_pathology.csv")
+        table = source.drop(columns=["verdict", "criteria"], errors="ignore").iloc[:1]
+    else:
+        table.loc[table.index[0], "iou_mean"] = table.loc[table.index[0], "iou_mean"] + 0.05
+    atomic_write_table(table, tp_path)
+    _reseal(copy)
+    failed = _failed(verify_run(copy))
+    assert "files" not in failed  # re-hashed: only re-derivation can tell
+    assert PER_PATHOLOGY_TP in failed, failed

@@ -5,8 +5,9 @@ Each check gives one `Check` (OK, FAIL, WARN or SKIP, and what differs):
 - ``files``: every file's sha256 against run.json's ``files`` (changed, missing, unrecorded;
   a file a command may add later, `AFTER_FINISH` such as report.pdf, is named as unsealed);
 - ``boxes.csv``: the CSV is the one written from ``boxes.parquet``;
-- ``per_pathology.csv`` / ``per_pathology.json`` / ``paired.csv``: re-derived from ``boxes``
-  with the installed code (`audit.run.assemble.aggregates`, verdicts included) and compared;
+- ``per_pathology.csv`` / ``per_pathology.json`` / ``paired.csv`` / ``per_pathology_tp.csv``:
+  re-derived from ``boxes`` with the installed code (`audit.run.assemble.aggregates`, verdicts
+  included; `true_positive_aggregates`) and compared;
 - ``probabilities``: ``boxes``, ``images`` and ``predictions`` agree on each output's
   probability and logit, and ``boxes`` belong to this run (run id, row count);
 - ``registry``: the registry's row and results for the run against run.json and the tables;
@@ -34,6 +35,7 @@ import pandas as pd
 from audit.store.files import sha256_file, table_bytes
 from audit.store.rundir import (
     AFTER_FINISH,
+    PER_PATHOLOGY_TP,
     RUN_JSON,
     RunDirectoryError,
     hashed_files,
@@ -157,17 +159,22 @@ def run_settings(run: dict[str, Any]) -> Any:
 
 
 def check_derived(run_dir: Path, run: dict[str, Any]) -> list[Check]:
-    """per_pathology (CSV and JSON) and paired, re-derived from boxes with the installed code."""
-    from audit.run.assemble import aggregates
+    """per_pathology (CSV and JSON), its true-positive subset and paired, re-derived from boxes
+    with the installed code."""
+    from audit.run.assemble import aggregates, true_positive_aggregates
 
     boxes = read_table(run_dir, "boxes")
     if boxes is None:
         return [Check("per_pathology.csv", FAIL, "cannot re-derive: boxes.parquet missing")]
-    per_pathology, paired = aggregates(boxes, run_settings(run))
+    settings = run_settings(run)
+    per_pathology, paired = aggregates(boxes, settings)
+    tables = [("per_pathology.csv", per_pathology, ["pathology", "method"]),
+              ("paired.csv", paired, ["pathology", "method_a", "method_b", "metric"])]
+    if (run_dir / PER_PATHOLOGY_TP).is_file() or PER_PATHOLOGY_TP in run.get("files", {}):
+        tables.append((PER_PATHOLOGY_TP, true_positive_aggregates(boxes, settings),
+                       ["pathology", "method"]))  # absent in runs made before it existed
     checks = []
-    for name, derived, label in (("per_pathology.csv", per_pathology, ["pathology", "method"]),
-                                 ("paired.csv", paired, ["pathology", "method_a", "method_b",
-                                                         "metric"])):
+    for name, derived, label in tables:
         path = run_dir / name
         if not path.is_file():
             checks.append(Check(name, FAIL, "missing"))
