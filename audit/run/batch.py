@@ -1,8 +1,9 @@
 """Explain and score one batch of images into its result folder (`rundir.BATCH_FILES`).
 
-Box rows come from `audit.metrics.localization.localization_table` (the documented scoring:
-best box by IoU, then IoBB, then index; pointing tolerance by `pointing_tolerance_px`), with
-the box and predicted-box geometry put back into each image's original frame.
+Box rows come from one `audit.metrics.localization.localization_table` call per batch (the
+documented scoring: best box by IoU, then IoBB, then index; pointing tolerance by
+`pointing_tolerance_px`), with the box and predicted-box geometry put back into each image's
+original frame.
 """
 
 from __future__ import annotations
@@ -53,10 +54,31 @@ def pointing_tolerance_for(item: LoadedImage) -> float:
 
 
 @dataclass
+class PendingScores:
+    """The maps of a batch that have expert boxes, scored together by `box_table` (one
+    `localization_table` call per batch)."""
+
+    maps: list[np.ndarray] = field(default_factory=list)
+    boxes_in_model: list[np.ndarray] = field(default_factory=list)
+    owners: list[tuple[LoadedImage, pd.DataFrame, str, str, float, float]] = field(
+        default_factory=list)
+
+    def add(self, item: LoadedImage, boxes: pd.DataFrame, finding: str,
+            maps: dict[str, np.ndarray], probability: float, logit: float) -> None:
+        """``maps``: method -> non-negative map at model resolution; ``boxes``: the manifest
+        rows of this finding's boxes (original frame)."""
+        in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
+        for method, saliency in maps.items():
+            self.maps.append(saliency)
+            self.boxes_in_model.append(in_model)
+            self.owners.append((item, boxes, finding, method, probability, logit))
+
+
+@dataclass
 class BatchTables:
     """The rows and map sums one batch collects."""
 
-    boxes: list[dict[str, Any]] = field(default_factory=list)
+    pending: PendingScores = field(default_factory=PendingScores)
     images: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
@@ -99,31 +121,46 @@ def prediction_rows(model: Any, group: pd.DataFrame, item: LoadedImage, logits: 
             for i, name in enumerate(model.pathologies) if name]
 
 
-def box_rows(item: LoadedImage, finding: str, maps: dict[str, np.ndarray],
-             boxes: pd.DataFrame, probability: float, logit: float,
-             threshold: float) -> list[dict[str, Any]]:
-    """One row per (expert box, method) from `localization_table`, geometry in the original
-    frame. ``maps``: method -> non-negative map at model resolution; ``boxes``: the manifest rows
-    of this finding's boxes."""
-    methods = list(maps)
-    in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
-    table = localization_table(np.stack([maps[m] for m in methods]), [in_model] * len(methods),
-                               threshold=threshold, tolerance_px=pointing_tolerance_for(item))
-    pred = table[["pred_x", "pred_y", "pred_w", "pred_h"]].to_numpy(dtype=np.float64)
-    table[["pred_x", "pred_y", "pred_w", "pred_h"]] = item.pre.boxes_to_original(pred)
-    records = boxes.to_dict("records")
-    rows = []
-    for scored in table.to_dict("records"):
-        source = records[int(scored.pop("box_index"))]
-        method = methods[int(scored.pop("map_index"))]
-        for name in BOX_GEOMETRY:
-            scored[name] = float(source[name])
-        rows.append({"image_key": item.key, "sha256": source["sha256"],
-                     "finding": source["finding"], "model_finding": finding,
-                     "box_index": int(source["box_index"]), "width": item.width,
-                     "height": item.height, "method": method, "probability": probability,
-                     "logit": logit, **scored})
-    return rows
+PRED_GEOMETRY = ["pred_x", "pred_y", "pred_w", "pred_h"]
+
+
+def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
+    """One row per (expert box, method) from `localization_table`, with the box and predicted-box
+    geometry in each image's original frame; rows in the order the maps were added."""
+    if not pending.maps:
+        return pd.DataFrame()
+    items = [owner[0] for owner in pending.owners]
+    table = localization_table(np.stack(pending.maps), pending.boxes_in_model,
+                               threshold=threshold, tolerance_px=pointing_tolerance_for(items[0]))
+    map_of = table.pop("map_index").to_numpy()
+    box_of = table.pop("box_index").to_numpy()
+    pred = table[PRED_GEOMETRY].to_numpy(dtype=np.float64, copy=True)
+    for i in np.unique(map_of):  # back to the image's own frame
+        rows = map_of == i
+        pred[rows] = items[i].pre.boxes_to_original(pred[rows])
+    table[PRED_GEOMETRY] = pred
+    sources = pd.concat([owner[1] for owner in pending.owners], ignore_index=True)
+    starts = np.cumsum([0] + [len(owner[1]) for owner in pending.owners])[:-1]
+    source = sources.iloc[starts[map_of] + box_of]
+    for name in BOX_GEOMETRY:
+        table[name] = source[name].to_numpy(dtype=np.float64)
+
+    def per_map(values: list[Any]) -> np.ndarray:
+        return np.asarray(values, dtype=object)[map_of]
+
+    front = pd.DataFrame({
+        "image_key": per_map([item.key for item in items]),
+        "sha256": source["sha256"].to_numpy(dtype=object),
+        "finding": source["finding"].to_numpy(dtype=object),
+        "model_finding": per_map([owner[2] for owner in pending.owners]),
+        "box_index": source["box_index"].to_numpy(dtype=np.int64),
+        "width": np.asarray([item.width for item in items], dtype=np.int64)[map_of],
+        "height": np.asarray([item.height for item in items], dtype=np.int64)[map_of],
+        "method": per_map([owner[3] for owner in pending.owners]),
+        "probability": np.asarray([owner[4] for owner in pending.owners])[map_of],
+        "logit": np.asarray([owner[5] for owner in pending.owners])[map_of],
+    })
+    return pd.concat([front, table], axis=1)
 
 
 def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: AuditSettings,
@@ -159,7 +196,8 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
             pairs += _score_image(model, item, group, targets[index], explained, index,
                                   logits_np[index], probs[index], costly_set, settings, tables)
     _add_costly(model, pairs, settings, tables)
-    _write_batch(staging, tables, settings.save_maps)
+    _write_batch(staging, tables, box_table(tables.pending, settings.threshold),
+                 settings.save_maps)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -214,8 +252,7 @@ def _score_image(model: Any, item: LoadedImage, group: pd.DataFrame, targets: li
                                   "probability": prob, "logit": logit, **extras})
         boxes = boxed[boxed["model_finding"] == finding]
         if len(boxes):
-            tables.boxes += box_rows(item, finding, positive, boxes, prob, logit,
-                                     settings.threshold)
+            tables.pending.add(item, boxes, finding, positive, prob, logit)
         if (item.key, finding) in costly_set:
             in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
             pairs.append(CostlyPair(item, finding, results, ks, in_model,
@@ -234,8 +271,9 @@ def _add_costly(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
     tables.curves += curves
 
 
-def _write_batch(staging: Path, tables: BatchTables, save_maps: bool) -> None:
-    frames = {"boxes": pd.DataFrame(tables.boxes), "images": pd.DataFrame(tables.images),
+def _write_batch(staging: Path, tables: BatchTables, boxes: pd.DataFrame,
+                 save_maps: bool) -> None:
+    frames = {"boxes": boxes, "images": pd.DataFrame(tables.images),
               "curves": pd.DataFrame(tables.curves),
               "predictions": pd.DataFrame(tables.predictions),
               "rejects": pd.DataFrame(tables.rejects, columns=REJECT_COLUMNS)}

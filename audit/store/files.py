@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -130,10 +131,18 @@ def atomic_write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return atomic_write_bytes(path, table_bytes(df, path.suffix))
 
 
+NPZ_DEFLATE_LEVEL = 1  # on maps: ~1.03x the size of numpy's default level (6) in ~1/4 the time
+
+
 def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Path:
-    """A compressed ``.npz`` of named arrays, written atomically."""
+    """A compressed ``.npz`` of named arrays (what `numpy.savez_compressed` writes, at deflate
+    level `NPZ_DEFLATE_LEVEL`), written atomically; `numpy.load` reads it."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED,
+                         compresslevel=NPZ_DEFLATE_LEVEL, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
