@@ -166,6 +166,9 @@ def run(
         help="Run registry: SQLite path or SQLAlchemy URL (env CXR_AUDIT_REGISTRY).")] = None,
     runner: Annotated[str, typer.Option(help="default | dask")] = "default",
     dask_address: Annotated[str | None, typer.Option(help="tcp://scheduler:8786")] = None,
+    dask_workers: Annotated[int, typer.Option(
+        help="Worker processes of the local Dask cluster (--runner dask without "
+             "--dask-address).")] = AuditSettings.dask_workers,
     config: Annotated[Path | None, typer.Option(help="TOML or YAML settings; flags override."
                                                 )] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
