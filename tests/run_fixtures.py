@@ -33,6 +33,15 @@ def build_run(model: Any, images_dir: Path, bboxes_csv: Path, root: Path, *,
     """A finished run of ``model`` on the images and boxes given, under ``root``."""
     manifest_csv = ingest(images_dir, bboxes_csv=bboxes_csv, name="tiny",
                           out_dir=root / "manifests", workers=1, progress=False).manifest_csv
+    return build_run_of_manifest(model, manifest_csv, root, methods=methods,
+                                 baselines=baselines, save_maps=save_maps, **settings)
+
+
+def build_run_of_manifest(model: Any, manifest_csv: Path, root: Path, *,
+                          methods: tuple[str, ...] = ("gradcam",),
+                          baselines: tuple[str, ...] = (), save_maps: bool = True,
+                          **settings: Any) -> TinyRun:
+    """A finished run of ``model`` on an ingested manifest, under ``root`` (one batch)."""
     registry = root / "registry.sqlite"
     values = {"manifest": str(manifest_csv), "random_init": True, "methods": list(methods),
               "baselines": list(baselines), "metrics": ["localization"], "batch_size": 8,

@@ -61,21 +61,19 @@ def test_every_expected_verdict_is_decisive_and_met(demo_out) -> None:
 
 
 @pytest.fixture(scope="module")
-def second_random_run(demo_out, prefect_server) -> Path:
+def second_random_run(demo_out, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random model with another seed (1; the demo's is 0) on the demo's test set: Grad-CAM
-    and Grad-CAM++, localization only (cheap)."""
+    and Grad-CAM++, localization only, maps saved; a finished run built in-process with the
+    library calls of the `audit` flow (tests/run_fixtures.py)."""
+    from audit.model import load_model
+    from tests.run_fixtures import build_run_of_manifest
+
     demo_dir, _ = demo_out
     manifest = next((demo_dir / "manifests").glob("*.csv"))
-    out = demo_dir.parent / "random_seed1"
-    env = prefect_server.client_env(home=demo_dir.parent / "prefect_home")
-    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--manifest", str(manifest),
-                           "--random-init", "--model-seed", "1", "--methods", "gradcam,gradcampp",
-                           "--metrics", "localization", "--save-maps", "--out", str(out),
-                           "--registry", str(out / "registry.sqlite"), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("run directory:"))
-    return Path(line.split(":", 1)[1].strip())
+    model = load_model(random_init=True, seed=1, device="cpu")
+    run = build_run_of_manifest(model, manifest, tmp_path_factory.mktemp("random_seed1"),
+                                methods=("gradcam", "gradcampp"), model_seed=1)
+    return run.run_dir
 
 
 def _calibrate(honest: Path, shortcut: Path, random: Path):

@@ -114,11 +114,22 @@ def comparable(run_dir: Path, name: str) -> pd.DataFrame:
     return table.sort_values(keys).reset_index(drop=True)
 
 
+def add_phi_dicom(images: Path, bboxes: Path) -> Path:
+    """A DICOM whose every identifying string is the PHI sentinel, with one Mass box."""
+    dicom = write_phi_dicom(images / "phi_case.dcm")
+    with open(bboxes, "a", newline="") as handle:
+        csv.writer(handle).writerow([dicom.name, "Mass", "10", "10", "20", "20", ""])
+    return dicom
+
+
 @pytest.fixture(scope="module")
 def small_run(nih_dev_dir: Path, prefect_env: dict[str, str],
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every method and metric family on one dev image per finding plus a DICOM carrying PHI
+    (a mixed folder, as a site's export would be)."""
     root = tmp_path_factory.mktemp("e2e")
     images, bboxes = build_slice(nih_dev_dir, root)
+    dicom = add_phi_dicom(images, bboxes)
     config = write_config(root / "audit.toml")
     out = root / "out"
     registry = root / "registry.sqlite"
@@ -127,7 +138,24 @@ def small_run(nih_dev_dir: Path, prefect_env: dict[str, str],
     dirs = run_dirs(out)
     assert len(dirs) == 1, proc.stdout
     return {"root": root, "images": images, "bboxes": bboxes, "config": config, "out": out,
-            "registry": registry, "run_dir": dirs[0], "proc": proc}
+            "registry": registry, "run_dir": dirs[0], "proc": proc, "dicom": dicom}
+
+
+CHEAP = {"methods": ["gradcam", "gradcampp"], "metrics": ["localization"], "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def cheap_run(nih_dev_dir: Path, prefect_env: dict[str, str],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Grad-CAM and Grad-CAM++ localization of one dev image per finding, one image per batch,
+    with the default runner: the reference of the resume and Dask tests."""
+    root = tmp_path_factory.mktemp("cheap")
+    images, bboxes = build_slice(nih_dev_dir, root)
+    config = write_config(root / "audit.toml", **CHEAP)
+    cxr_audit(["run", "--images", str(images), "--bboxes", str(bboxes), "--config",
+               str(config), "--out", str(root / "out"), "--registry",
+               str(root / "reg.sqlite")], prefect_env)
+    return run_dirs(root / "out")[0]
 
 
 def test_run_writes_every_documented_file_with_documented_columns(small_run: dict) -> None:
@@ -186,10 +214,9 @@ def test_history_lists_the_run_and_report_rerenders_without_touching_it(
 
 
 def test_killed_run_resumes_without_recomputing_finished_batches(
-        nih_dev_dir: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
+        nih_dev_dir: Path, prefect_env: dict[str, str], cheap_run: Path, tmp_path: Path) -> None:
     images, bboxes = build_slice(nih_dev_dir, tmp_path / "data", per_finding=1)
-    config = write_config(tmp_path / "audit.toml", methods=["gradcam", "gradcampp"],
-                          metrics=["localization"], batch_size=1)
+    config = write_config(tmp_path / "audit.toml", **CHEAP)
     out = tmp_path / "out"
     args = ["run", "--images", str(images), "--bboxes", str(bboxes), "--config", str(config),
             "--out", str(out), "--registry", str(tmp_path / "reg.sqlite")]
@@ -217,57 +244,40 @@ def test_killed_run_resumes_without_recomputing_finished_batches(
     assert len(set(first + second)) == n_batches
     resumed = run_dirs(out)
     assert len(resumed) == 1
-
-    fresh_out = tmp_path / "fresh"
-    cxr_audit([*args[:-4], "--out", str(fresh_out), "--registry",
-               str(tmp_path / "reg2.sqlite")], prefect_env)
-    fresh = run_dirs(fresh_out)[0]
-    pd.testing.assert_frame_equal(comparable(resumed[0], "boxes"), comparable(fresh, "boxes"))
+    # equal to an uninterrupted run of the same images and settings
+    pd.testing.assert_frame_equal(comparable(resumed[0], "boxes"), comparable(cheap_run, "boxes"))
     per_a = pd.read_csv(resumed[0] / "per_pathology.csv")
-    per_b = pd.read_csv(fresh / "per_pathology.csv")
+    per_b = pd.read_csv(cheap_run / "per_pathology.csv")
     pd.testing.assert_frame_equal(per_a, per_b)
 
 
 def test_dask_runner_gives_identical_tables(nih_dev_dir: Path, prefect_env: dict[str, str],
-                                            tmp_path: Path) -> None:
-    """The same cheap audit (Grad-CAM and Grad-CAM++ localization, one image per finding) with
-    the default runner and on a local Dask cluster: identical tables."""
+                                            cheap_run: Path, tmp_path: Path) -> None:
+    """The cheap audit (`cheap_run`) on a local Dask cluster of two worker processes gives the
+    default runner's tables."""
     images, bboxes = build_slice(nih_dev_dir, tmp_path / "data")
-    config = write_config(tmp_path / "audit.toml", methods=["gradcam", "gradcampp"],
-                          metrics=["localization"], batch_size=2)
-    produced = {}
-    for runner in ("default", "dask"):
-        out = tmp_path / runner
-        cxr_audit(["run", "--images", str(images), "--bboxes", str(bboxes), "--config",
-                   str(config), "--out", str(out), "--runner", runner,
-                   "--registry", str(tmp_path / f"{runner}.sqlite")], prefect_env)
-        produced[runner] = run_dirs(out)[0]
+    config = write_config(tmp_path / "audit.toml", **CHEAP)
+    out = tmp_path / "dask"
+    cxr_audit(["run", "--images", str(images), "--bboxes", str(bboxes), "--config",
+               str(config), "--out", str(out), "--runner", "dask", "--dask-workers", "2",
+               "--registry", str(tmp_path / "dask.sqlite")], prefect_env)
     for name in ("boxes", "images"):
-        pd.testing.assert_frame_equal(comparable(produced["default"], name),
-                                      comparable(produced["dask"], name))
+        pd.testing.assert_frame_equal(comparable(cheap_run, name),
+                                      comparable(run_dirs(out)[0], name))
 
 
-def test_phi_sentinel_appears_in_no_output(
-        nih_dev_dir: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
-    images, bboxes = build_slice(nih_dev_dir, tmp_path / "data")
-    dicom = write_phi_dicom(images / "phi_case.dcm")
-    with open(bboxes, "a", newline="") as handle:
-        csv.writer(handle).writerow([dicom.name, "Mass", "10", "10", "20", "20", ""])
-    config = write_config(tmp_path / "audit.toml", methods=["gradcam"],
-                          metrics=["localization"])
-    out = tmp_path / "out"
-    registry = tmp_path / "reg.sqlite"
-    proc = cxr_audit(["run", "--images", str(images), "--bboxes", str(bboxes), "--config",
-                      str(config), "--out", str(out), "--registry", str(registry)], prefect_env)
-    run_dir = run_dirs(out)[0]
+def test_phi_sentinel_appears_in_no_output(small_run: dict, prefect_env: dict[str, str]
+                                           ) -> None:
+    run_dir: Path = small_run["run_dir"]
+    proc = small_run["proc"]
     boxes = pd.read_parquet(run_dir / "boxes.parquet")
-    assert dicom.name in set(boxes["image_key"])  # the DICOM went through the whole run
+    assert small_run["dicom"].name in set(boxes["image_key"])  # the DICOM went through the run
     assert SENTINEL_BYTES not in (proc.stdout + proc.stderr).encode()
     searched = 0
-    for folder in (out, tmp_path / "data" / ".." / "out", Path(prefect_env["PREFECT_HOME"])):
+    for folder in (small_run["out"], Path(prefect_env["PREFECT_HOME"])):
         for path in folder.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 assert SENTINEL_BYTES not in path.read_bytes(), path
                 searched += 1
-    assert SENTINEL_BYTES not in registry.read_bytes()
+    assert SENTINEL_BYTES not in small_run["registry"].read_bytes()
     assert searched > 10
