@@ -11,7 +11,7 @@ import torch
 
 from audit.config import build_settings
 from audit.data.preprocess import preprocess
-from audit.metrics import fidelity, randomization
+from audit.metrics import fidelity, randomization, repeatability
 from audit.metrics.sampling import stratified_sample
 from audit.model import load_model
 from audit.run import estimate, plan
@@ -81,6 +81,11 @@ def _one_pair_path(model, pair: CostlyPair, method: str, settings) -> dict[str, 
         model.net, x, torch.tensor([[out]]), explain_fn, seed=settings.seed,
         blocks=settings.randomization_blocks, original_maps=original[None, None])
     figures = randomization.randomization_figures(cascade)
+    figures.update(repeatability.repeatability_figures(
+        explain_fn=explain_fn, net=model.net, image=pair.item.tensor, target=out,
+        original_map=original, boxes=pair.boxes, threshold=settings.threshold,
+        tolerance_px=pair.tolerance_px, noise_sigma=settings.noise_sigma * 2048.0,
+        shift_px=settings.shift_px, seed=settings.seed))
     for order in ("saliency", "random"):
         curve = fidelity.deletion_insertion_curves(
             lambda b: model.probabilities(b)[:, out], x[0], original,
@@ -92,7 +97,8 @@ def _one_pair_path(model, pair: CostlyPair, method: str, settings) -> dict[str, 
 
 def test_costly_metrics_of_a_batch_equal_the_one_pair_path(model):
     settings = _settings(methods=["gradcam", "gradcampp", "integrated_gradients"],
-                         metrics=["localization", "randomization", "fidelity"], ig_steps=2,
+                         metrics=["localization", "repeatability", "randomization",
+                                  "fidelity"], ig_steps=2,
                          randomization_blocks=["classifier", "features.denseblock4"],
                          fidelity_step=0.1, fidelity_batch_size=7)
     pairs = _pairs(model, settings)

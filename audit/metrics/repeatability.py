@@ -14,7 +14,9 @@ replicates (Arun et al. 2021).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -203,6 +205,59 @@ def replicate_ssim_batch(maps, normalize: Normalization = "minmax") -> np.ndarra
     return np.array([replicate_ssim(list(m[:, i]), normalize) for i in range(m.shape[1])])
 
 
+@dataclass
+class Perturbed:
+    """The three perturbed copies of one image that repeatability explains, in this order:
+    noisy, shifted by ``(+s, +s)``, shifted by ``(-s, -s)``; and the boxes in each copy."""
+
+    images: Any  # torch [3, C, H, W]
+    boxes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    shift_px: int
+
+
+def perturbed_copies(image, boxes, noise_sigma: float = 20.48, shift_px: int = 2,
+                     seed: int = 0) -> Perturbed:
+    """`Perturbed` of ``image`` (torch ``[C, H, W]``): noise
+    ``gaussian_noise_perturbation(image, noise_sigma, default_rng(seed))`` and the two shifts
+    (`shift_image_and_boxes`)."""
+    import torch
+
+    b = as_boxes(boxes)
+    noisy = gaussian_noise_perturbation(image, noise_sigma, np.random.default_rng(seed))
+    plus, boxes_plus = shift_image_and_boxes(image, b, shift_px, shift_px)
+    minus, boxes_minus = shift_image_and_boxes(image, b, -shift_px, -shift_px)
+    return Perturbed(torch.stack([noisy, plus, minus]), (b, boxes_plus, boxes_minus), shift_px)
+
+
+def figures_from_maps(reference, again, perturbed_maps, perturbed: Perturbed,
+                      original_map=None, threshold: float = DEFAULT_THRESHOLD,
+                      tolerance_px: float | None = None) -> dict[str, float]:
+    """The figures of `repeatability_figures` from its maps: ``reference`` and ``again`` (the
+    image explained twice), ``perturbed_maps`` ``[3, H, W]`` (the maps of ``perturbed.images``)
+    and the map that was scored (``original_map``; default: ``reference``)."""
+    reference = _to_numpy(reference).astype(np.float64)
+    maps = _to_numpy(perturbed_maps).astype(np.float64)
+    base = reference if original_map is None else _to_numpy(original_map).astype(np.float64)
+    b, boxes_plus, boxes_minus = perturbed.boxes
+    s = perturbed.shift_px
+    kw = dict(threshold=threshold, tolerance_px=tolerance_px)
+    rn = test_retest_scores(base, maps[0], b, b, **kw)
+    rp = test_retest_scores(base, maps[1], b, boxes_plus, shift=(s, s), **kw)
+    rm = test_retest_scores(base, maps[2], b, boxes_minus, shift=(-s, -s), **kw)
+    return {
+        "determinism_max_abs_diff": determinism_max_abs_diff(
+            reference, _to_numpy(again).astype(np.float64)),
+        "noise_ssim": rn["ssim"],
+        "noise_spearman": rn["spearman"],
+        "noise_delta_iou": rn["delta_iou"],
+        "noise_hit_changed": float(rn["hit_changed"]),
+        "shift_ssim": float(np.mean([rp["ssim"], rm["ssim"]])),
+        "shift_spearman": float(np.mean([rp["spearman"], rm["spearman"]])),
+        "shift_delta_iou": float(np.mean([abs(rp["delta_iou"]), abs(rm["delta_iou"])])),
+        "shift_hit_changed": float(np.mean([rp["hit_changed"], rm["hit_changed"]])),
+    }
+
+
 def repeatability_figures(
     explain_fn,
     net,
@@ -221,14 +276,14 @@ def repeatability_figures(
     ``explain_fn(net, x[B, C, H, W], targets[B, K]) -> [B, K, H, W]`` (numpy or torch);
     ``image``: torch ``[C, H, W]``; ``boxes``: the finding's boxes in the map's frame.
     Calls ``explain_fn`` three times: the image (reference), the image again (determinism),
-    and one batch of [noisy, shifted by (+s, +s), shifted by (-s, -s)]. Noise:
-    ``gaussian_noise_perturbation(image, noise_sigma, default_rng(seed))``. The perturbed maps
-    are compared with ``original_map`` when given (the map that was scored), else with the
-    reference. Returns ``determinism_max_abs_diff, noise_ssim, noise_spearman,
-    noise_delta_iou, noise_hit_changed, shift_ssim, shift_spearman, shift_delta_iou,
-    shift_hit_changed``: shift figures are means over the two shifts, ``shift_delta_iou`` the
-    mean of |IoU change| and ``*_hit_changed`` the share of perturbations that flip the
-    pointing-game outcome (0, 0.5 or 1 for shifts).
+    and one batch of the `perturbed_copies` [noisy, shifted by (+s, +s), shifted by (-s, -s)].
+    The perturbed maps are compared with ``original_map`` when given (the map that was
+    scored), else with the reference (`figures_from_maps`). Returns
+    ``determinism_max_abs_diff, noise_ssim, noise_spearman, noise_delta_iou,
+    noise_hit_changed, shift_ssim, shift_spearman, shift_delta_iou, shift_hit_changed``: shift
+    figures are means over the two shifts, ``shift_delta_iou`` the mean of |IoU change| and
+    ``*_hit_changed`` the share of perturbations that flip the pointing-game outcome (0, 0.5
+    or 1 for shifts).
     """
     import torch
 
@@ -241,24 +296,6 @@ def repeatability_figures(
 
     reference = run(x)[0]
     again = run(x)[0]
-    base = reference if original_map is None else _to_numpy(original_map).astype(np.float64)
-    b = as_boxes(boxes)
-    noisy = gaussian_noise_perturbation(image, noise_sigma, np.random.default_rng(seed))
-    plus, boxes_plus = shift_image_and_boxes(image, b, shift_px, shift_px)
-    minus, boxes_minus = shift_image_and_boxes(image, b, -shift_px, -shift_px)
-    maps = run(torch.stack([noisy, plus, minus]))
-    kw = dict(threshold=threshold, tolerance_px=tolerance_px)
-    rn = test_retest_scores(base, maps[0], b, b, **kw)
-    rp = test_retest_scores(base, maps[1], b, boxes_plus, shift=(shift_px, shift_px), **kw)
-    rm = test_retest_scores(base, maps[2], b, boxes_minus, shift=(-shift_px, -shift_px), **kw)
-    return {
-        "determinism_max_abs_diff": determinism_max_abs_diff(reference, again),
-        "noise_ssim": rn["ssim"],
-        "noise_spearman": rn["spearman"],
-        "noise_delta_iou": rn["delta_iou"],
-        "noise_hit_changed": float(rn["hit_changed"]),
-        "shift_ssim": float(np.mean([rp["ssim"], rm["ssim"]])),
-        "shift_spearman": float(np.mean([rp["spearman"], rm["spearman"]])),
-        "shift_delta_iou": float(np.mean([abs(rp["delta_iou"]), abs(rm["delta_iou"])])),
-        "shift_hit_changed": float(np.mean([rp["hit_changed"], rm["hit_changed"]])),
-    }
+    perturbed = perturbed_copies(image, boxes, noise_sigma, shift_px, seed)
+    return figures_from_maps(reference, again, run(perturbed.images), perturbed, original_map,
+                             threshold=threshold, tolerance_px=tolerance_px)
