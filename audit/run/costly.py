@@ -4,9 +4,9 @@ cascading randomization and deletion/insertion fidelity, for every saliency meth
 Batched: repeatability explains every method in one call per batch of inputs; the randomization
 cascade re-explains every method of every pair of the batch from each randomized copy in one
 pass (Grad-CAM and Grad-CAM++ share one forward; IG packs the path points of all pairs); the
-fidelity curves of all pairs, methods and orders are scored in shared chunks. Each map depends
-only on its own image and target (the network is in eval mode), so the figures are those of one
-pair at a time up to float rounding of other batch compositions
+fidelity curves of all pairs and methods (the random order's once per pair) are scored in
+shared chunks. Each map depends only on its own image and target (the network is in eval mode),
+so the figures are those of one pair at a time up to float rounding of other batch compositions
 (tests/test_run_batched.py::test_costly_metrics_of_a_batch_equal_the_one_pair_path).
 """
 
@@ -22,8 +22,6 @@ from audit.config import AuditSettings
 from audit.metrics import fidelity, randomization, repeatability
 from audit.run.images import LoadedImage
 from audit.saliency import explain_all
-
-FIDELITY_ORDERS = ("saliency", "random")
 
 
 @dataclass
@@ -127,11 +125,15 @@ def _randomization(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
 
 def _fidelity(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
               figures: Figures) -> list[dict[str, Any]]:
-    """Deletion/insertion curves of every pair x method x order in shared chunks."""
-    keys = [(p, m, order) for p in pairs for m in settings.methods for order in FIDELITY_ORDERS]
-    specs = [fidelity.CurveSpec(p.item.tensor.to(model.device), p.original(m), order=order,
-                                seed=settings.seed) for p, m, order in keys]
-    out_index = torch.tensor([model.finding_index(p.finding) for p, _m, _o in keys],
+    """Deletion/insertion curves of every pair x method in saliency order, and of every pair
+    in the seeded random order, in shared chunks. The random order does not depend on the map
+    (`fidelity.pixel_order`), so its curve, computed once per pair, is every method's."""
+    methods = list(settings.methods)
+    keys = [(p, [m], "saliency") for p in pairs for m in methods]
+    keys += [(p, methods, "random") for p in pairs]
+    specs = [fidelity.CurveSpec(p.item.tensor.to(model.device), p.original(ms[0]), order=order,
+                                seed=settings.seed) for p, ms, order in keys]
+    out_index = torch.tensor([model.finding_index(p.finding) for p, _ms, _o in keys],
                              device=model.device)
 
     def predict(batch: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
@@ -142,9 +144,9 @@ def _fidelity(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
         predict, specs, step_fraction=settings.fidelity_step,
         baseline=settings.fidelity_baseline, batch_size=settings.fidelity_batch_size)
     rows: list[dict[str, Any]] = []
-    for (pair, method, _order), curve in zip(keys, curves, strict=True):
-        figures[(pair.item.key, pair.finding, method)].update(curve.figures())
-        rows += [{**pair.tag(method), "label": "", "metric": "probability", **row}
-                 for row in curve.long_rows()]
+    for (pair, shared_by, _order), curve in zip(keys, curves, strict=True):
+        for method in shared_by:
+            figures[(pair.item.key, pair.finding, method)].update(curve.figures())
+            rows += [{**pair.tag(method), "label": "", "metric": "probability", **row}
+                     for row in curve.long_rows()]
     return rows
-
