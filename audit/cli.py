@@ -159,7 +159,7 @@ def run(
     ] = None,
     prefetch_workers: Annotated[int | None, typer.Option(
         help="Processes decoding the next batch's images (default: cores - 2, at least 1, at "
-             "most 4).")] = None,
+             "most 4; none for a run of few batches).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
     save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
     registry: Annotated[str | None, typer.Option(

@@ -214,7 +214,9 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
     tell_plan(selection, settings, model, Path(sidecar["images_dir"]))
 
     tick = time.perf_counter()
-    in_order = settings.runner != "dask"  # one process runs the batches in turn: prefetch
+    # one process runs the batches in turn: it prefetches the next (when that pays, auto_workers)
+    in_order = settings.runner != "dask" and auto_workers(settings.prefetch_workers,
+                                                          n_batches=len(batches)) > 0
     futures = [audit_batch_task.submit(
         b.index, b.key, b.image_keys, str(manifest_path), sidecar["images_dir"],
         settings.to_dict(), [list(p) for p in b.costly], str(cache_dir),

@@ -18,6 +18,7 @@ from audit.run import estimate, plan
 from audit.run.batch import audit_batch
 from audit.run.costly import CostlyPair, costly_metrics
 from audit.run.images import (
+    PREFETCH_MIN_BATCHES,
     ImagePrefetcher,
     LoadedImage,
     auto_workers,
@@ -236,6 +237,10 @@ def test_prefetched_images_equal_the_images_decoded_here(tmp_path):
 def test_default_decode_workers_leave_two_cores_to_torch_but_one_worker_from_two_cores():
     assert [auto_workers(None, cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 1, 1, 2, 4, 4]
     assert auto_workers(3, 2) == 3 and auto_workers(0, 64) == 0
+    # a short run starts no workers unless asked to
+    assert auto_workers(None, 8, n_batches=PREFETCH_MIN_BATCHES - 1) == 0
+    assert auto_workers(None, 8, n_batches=PREFETCH_MIN_BATCHES) == 4
+    assert auto_workers(2, 8, n_batches=1) == 2
 
 
 def test_thumbnail_is_the_min_max_scaled_image_at_256_px():
