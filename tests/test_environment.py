@@ -98,6 +98,7 @@ def test_differences_say_what_changed_and_how() -> None:
     assert diffs["python"] == [] and diffs["gpu"] == []
 
 
+@pytest.mark.slow  # builds a finished run: CI runs it
 def test_run_json_of_a_finished_run_records_it(tmp_path) -> None:
     """assemble's run.json carries the section (a tiny in-process run)."""
     from audit.model import load_model

@@ -22,6 +22,8 @@ from audit.model import load_model
 from audit.store.rundir import SavedMaps
 from tests.run_fixtures import TinyRun, build_run, demo_set_with_dicoms
 
+pytestmark = pytest.mark.slow  # builds finished runs and exports them: CI runs it
+
 #: Identifiers planted in one source DICOM: none may reach a default export.
 PLANTED = {"PatientName": "Sentinel^Planted", "PatientID": "SENTINEL-ID-4711",
            "PatientBirthDate": "19450508", "AccessionNumber": "ACC-SENTINEL",

@@ -242,6 +242,7 @@ def test_side_by_side_renders_offline(tmp_path):
 
 
 
+@pytest.mark.slow  # prints a PDF with Chromium (~10 s): CI runs it
 def test_print_pdf_uses_the_print_stylesheet(tmp_path):
     _require_chromium()
     from audit.report import ReportExistsError, print_pdf

@@ -96,8 +96,12 @@ def _one_pair_path(model, pair: CostlyPair, method: str, settings) -> dict[str, 
     return figures
 
 
-def test_costly_metrics_of_a_batch_equal_the_one_pair_path(model):
-    settings = _settings(methods=["gradcam", "gradcampp", "integrated_gradients"],
+@pytest.mark.parametrize("methods", [
+    ["gradcam", "gradcampp"],
+    pytest.param(["gradcam", "integrated_gradients"], marks=pytest.mark.slow),  # IG: ~15 s
+], ids=["cam", "with_ig"])
+def test_costly_metrics_of_a_batch_equal_the_one_pair_path(model, methods):
+    settings = _settings(methods=methods,
                          metrics=["localization", "repeatability", "randomization",
                                   "fidelity"], ig_steps=2,
                          randomization_blocks=["classifier", "features.denseblock4"],
@@ -119,7 +123,7 @@ def test_costly_metrics_of_a_batch_equal_the_one_pair_path(model):
                                                   ), (method, name)
     table = pd.DataFrame(curves)
     per = table.groupby(["image_key", "finding", "method"]).size()
-    assert len(per) == len(pairs) * 3 and per.nunique() == 1
+    assert len(per) == len(pairs) * len(methods) and per.nunique() == 1
 
 
 def test_the_equality_check_fails_on_the_figures_of_another_pair(model):

@@ -20,6 +20,8 @@ from audit.store.rundir import PER_PATHOLOGY_TP, RUN_JSON, hashed_files, read_ru
 from audit.store.verify import FAIL, OK, WARN, check_files, exit_code, verify_run
 from tests.run_fixtures import TinyRun, build_run, demo_set_with_dicoms
 
+pytestmark = pytest.mark.slow  # builds and verifies finished runs: CI runs it
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
