@@ -175,9 +175,13 @@ def run(
 ) -> None:
     """Audit a model on a dataset end to end: ingest -> explain + score -> report."""
     settings = settings_from_command_line(ctx, config, exclude=("config",))
+    from flows.server import start_temporary_server
+
+    server = start_temporary_server()  # boots while torch and the model code import
     from audit.model import CheckpointError, WeightsUnavailable
     from flows.audit import run_with_runner
 
+    server.wait()
     try:
         result = run_with_runner(settings)
     except (WeightsUnavailable, CheckpointError) as err:
@@ -299,8 +303,12 @@ def demo(
 ) -> None:
     """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""
     _quiet_prefect_defaults()
+    from flows.server import start_temporary_server
+
+    server = start_temporary_server()  # boots while torch and the model code import
     from flows.demo import demo_flow
 
+    server.wait()
     result = demo_flow(out=str(out), n_images=n_images, seed=seed,
                        progress=progress)
     _print_checks(result["checks"])
