@@ -130,6 +130,7 @@ def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
     if not pending.maps:
         return pd.DataFrame()
     items = [owner[0] for owner in pending.owners]
+    # every map of a batch is at the model's input size, so one pointing tolerance serves all
     table = localization_table(np.stack(pending.maps), pending.boxes_in_model,
                                threshold=threshold, tolerance_px=pointing_tolerance_for(items[0]))
     map_of = table.pop("map_index").to_numpy()
