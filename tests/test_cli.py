@@ -80,6 +80,7 @@ def test_run_with_the_shipped_config_parses(tmp_path: Path) -> None:
 def test_run_reports_unavailable_weights_as_one_clear_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.audit
+    import flows.server
     from audit.model import WeightsUnavailable
 
     cache = tmp_path / "models_data" / "nih.pt"
@@ -88,6 +89,8 @@ def test_run_reports_unavailable_weights_as_one_clear_error(
         raise WeightsUnavailable("densenet121-res224-nih", cache, "https://example.invalid/w")
 
     monkeypatch.setattr(flows.audit, "run_with_runner", offline)
+    # no flow runs here, so no Prefect server should start ahead of one (flows/server.py)
+    monkeypatch.setattr(flows.server, "start_temporary_server", flows.server.EarlyServer)
     manifest = tmp_path / "m.csv"
     manifest.write_text("")
     result = runner.invoke(app, ["run", "--manifest", str(manifest), "--weights",
