@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,18 @@ def pointing_tolerance_for(item: LoadedImage) -> float:
     return pointing_tolerance_px(item.pre.size, frame_size=NIH_FRAME_PX)
 
 
+class MapOwner(NamedTuple):
+    """Where one pending map comes from: its image, its finding's boxes (manifest rows, original
+    frame), the finding, the method, and the finding's probability and logit."""
+
+    item: LoadedImage
+    boxes: pd.DataFrame
+    finding: str
+    method: str
+    probability: float
+    logit: float
+
+
 @dataclass
 class PendingScores:
     """The maps of a batch that have expert boxes, scored together by `box_table` (one
@@ -60,18 +72,16 @@ class PendingScores:
 
     maps: list[np.ndarray] = field(default_factory=list)
     boxes_in_model: list[np.ndarray] = field(default_factory=list)
-    owners: list[tuple[LoadedImage, pd.DataFrame, str, str, float, float]] = field(
-        default_factory=list)
+    owners: list[MapOwner] = field(default_factory=list)
 
-    def add(self, item: LoadedImage, boxes: pd.DataFrame, finding: str,
+    def add(self, item: LoadedImage, boxes: pd.DataFrame, in_model: np.ndarray, finding: str,
             maps: dict[str, np.ndarray], probability: float, logit: float) -> None:
         """``maps``: method -> non-negative map at model resolution; ``boxes``: the manifest
-        rows of this finding's boxes (original frame)."""
-        in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
+        rows of this finding's boxes (original frame), ``in_model`` the same in the map's."""
         for method, saliency in maps.items():
             self.maps.append(saliency)
             self.boxes_in_model.append(in_model)
-            self.owners.append((item, boxes, finding, method, probability, logit))
+            self.owners.append(MapOwner(item, boxes, finding, method, probability, logit))
 
 
 @dataclass
@@ -129,7 +139,7 @@ def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
     geometry in each image's original frame; rows in the order the maps were added."""
     if not pending.maps:
         return pd.DataFrame()
-    items = [owner[0] for owner in pending.owners]
+    items = [owner.item for owner in pending.owners]
     # every map of a batch is at the model's input size, so one pointing tolerance serves all
     table = localization_table(np.stack(pending.maps), pending.boxes_in_model,
                                threshold=threshold, tolerance_px=pointing_tolerance_for(items[0]))
@@ -140,8 +150,8 @@ def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
         rows = map_of == i
         pred[rows] = items[i].pre.boxes_to_original(pred[rows])
     table[PRED_GEOMETRY] = pred
-    sources = pd.concat([owner[1] for owner in pending.owners], ignore_index=True)
-    starts = np.cumsum([0] + [len(owner[1]) for owner in pending.owners])[:-1]
+    sources = pd.concat([owner.boxes for owner in pending.owners], ignore_index=True)
+    starts = np.cumsum([0] + [len(owner.boxes) for owner in pending.owners])[:-1]
     source = sources.iloc[starts[map_of] + box_of]
     for name in BOX_GEOMETRY:
         table[name] = source[name].to_numpy(dtype=np.float64)
@@ -153,13 +163,13 @@ def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
         "image_key": per_map([item.key for item in items]),
         "sha256": source["sha256"].to_numpy(dtype=object),
         "finding": source["finding"].to_numpy(dtype=object),
-        "model_finding": per_map([owner[2] for owner in pending.owners]),
+        "model_finding": per_map([owner.finding for owner in pending.owners]),
         "box_index": source["box_index"].to_numpy(dtype=np.int64),
         "width": np.asarray([item.width for item in items], dtype=np.int64)[map_of],
         "height": np.asarray([item.height for item in items], dtype=np.int64)[map_of],
-        "method": per_map([owner[3] for owner in pending.owners]),
-        "probability": np.asarray([owner[4] for owner in pending.owners])[map_of],
-        "logit": np.asarray([owner[5] for owner in pending.owners])[map_of],
+        "method": per_map([owner.method for owner in pending.owners]),
+        "probability": np.asarray([owner.probability for owner in pending.owners])[map_of],
+        "logit": np.asarray([owner.logit for owner in pending.owners])[map_of],
     })
     return pd.concat([front, table], axis=1)
 
@@ -252,10 +262,10 @@ def _score_image(model: Any, item: LoadedImage, group: pd.DataFrame, targets: li
             tables.images.append({"image_key": item.key, "finding": finding, "method": method,
                                   "probability": prob, "logit": logit, **extras})
         boxes = boxed[boxed["model_finding"] == finding]
+        in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
         if len(boxes):
-            tables.pending.add(item, boxes, finding, positive, prob, logit)
+            tables.pending.add(item, boxes, in_model, finding, positive, prob, logit)
         if (item.key, finding) in costly_set:
-            in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
             pairs.append(CostlyPair(item, finding, results, ks, in_model,
                                     pointing_tolerance_for(item)))
     return pairs
