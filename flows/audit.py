@@ -215,13 +215,13 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
 
     tick = time.perf_counter()
     # one process runs the batches in turn: it prefetches the next (when that pays, auto_workers)
-    in_order = settings.runner != "dask" and auto_workers(settings.prefetch_workers,
-                                                          n_batches=len(batches)) > 0
+    prefetching = settings.runner != "dask" and auto_workers(settings.prefetch_workers,
+                                                             n_batches=len(batches)) > 0
     futures = [audit_batch_task.submit(
         b.index, b.key, b.image_keys, str(manifest_path), sidecar["images_dir"],
         settings.to_dict(), [list(p) for p in b.costly], str(cache_dir),
         ig=None if b.ig is None else [list(p) for p in b.ig],
-        prefetch=(nxt.key, nxt.image_keys) if in_order and nxt is not None else None)
+        prefetch=(nxt.key, nxt.image_keys) if prefetching and nxt is not None else None)
         for b, nxt in zip(batches, [*batches[1:], None], strict=True)]
     try:
         batch_dirs = [Path(f.result()) for f in tqdm(futures, desc="explain+score",
