@@ -22,6 +22,7 @@ from audit.protocol import (
     DEFAULT_THRESHOLD,
     METHOD_NAMES,
     METRIC_FAMILIES,
+    QUADRATURE_RULES,
 )
 
 
@@ -140,8 +141,6 @@ class AuditSettings:
 
 
 def _check_numbers(s: AuditSettings) -> None:
-    from audit.saliency.integrated_gradients import QUADRATURE_RULES
-
     if not 0 < s.threshold < 1:
         raise ConfigError(f"threshold must lie in (0, 1), got {s.threshold}")
     if not 0 < s.fidelity_step <= 1:

@@ -130,6 +130,12 @@ def _xrv():
     return xrv
 
 
+def import_model_code() -> None:
+    """Import torchxrayvision now (about 2 s on a CPU) rather than at the first model load, e.g.
+    while something else is waiting."""
+    _xrv()
+
+
 def _hook_safe_class() -> type:
     global _HOOK_SAFE_CLASS
     if _HOOK_SAFE_CLASS is None:

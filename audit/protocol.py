@@ -23,6 +23,10 @@ METHOD_LABELS: dict[str, str] = {
     "centre_prior": "Centre prior",
     "average_box": "Average expert box",
 }
+#: Integrated Gradients' quadrature rules: Captum's names (same nodes and weights) plus the exact
+#: composite ``trapezoid`` (``audit.saliency.integrated_gradients.quadrature``).
+QUADRATURE_RULES: tuple[str, ...] = ("riemann_left", "riemann_right", "riemann_middle",
+                                     "riemann_trapezoid", "gausslegendre", "trapezoid")
 #: Metric families; localization is always computed.
 METRIC_FAMILIES: tuple[str, ...] = ("localization", "repeatability", "randomization", "fidelity")
 

@@ -115,3 +115,25 @@ def test_batch_cache_key_exists_only_while_the_batch_folder_does(tmp_path: Path)
     assert _batch_cache_key(None, other) is None
     (folder / "boxes.parquet").unlink()
     assert _batch_cache_key(None, params) is None
+
+
+def test_console_script_is_entry_which_freezes_the_collector_after_the_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cxr-audit` is `audit.cli:entry`: it registers `gc.freeze` as an exit handler before the
+    command runs (so that it runs after the command's own handlers), then runs the app."""
+    import atexit
+    import gc
+    import tomllib
+
+    import audit.cli as cli
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["cxr-audit"] == "audit.cli:entry"
+    events: list[str] = []
+    monkeypatch.setattr(atexit, "register",
+                        lambda fn: events.append("freeze" if fn is gc.freeze else repr(fn)))
+    monkeypatch.setattr(cli, "app", lambda: events.append("app") or 0)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry()
+    assert exit_info.value.code == 0
+    assert events == ["freeze", "app"]

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from audit.protocol import QUADRATURE_RULES
 from audit.saliency.base import SaliencyMethod, SaliencyResult
 
 __all__ = [
@@ -66,9 +67,7 @@ CPU_CHUNK = 25
 CUDA_MEMORY_SHARE = 0.5
 CUDA_MAX_CHUNK = 1024
 
-#: Captum's rule names (same nodes and weights) plus the exact composite ``trapezoid``.
-QUADRATURE_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
-                    "gausslegendre", "trapezoid")
+#: The rules whose names and numbers are Captum's (`QUADRATURE_RULES` adds ``trapezoid``).
 CAPTUM_RULES = QUADRATURE_RULES[:5]
 
 
