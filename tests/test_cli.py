@@ -123,11 +123,13 @@ def test_console_script_is_entry_which_freezes_the_collector_after_the_command(
     command runs (so that it runs after the command's own handlers), then runs the app."""
     import atexit
     import gc
+
     import tomllib
 
     import audit.cli as cli
 
-    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
     assert scripts["cxr-audit"] == "audit.cli:entry"
     events: list[str] = []
     monkeypatch.setattr(atexit, "register",

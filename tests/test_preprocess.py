@@ -48,6 +48,22 @@ def test_any_input_range_is_min_max_scaled_first():
         to_xrv_range(np.full((4, 4), 3.0))
 
 
+def test_scaling_is_the_float64_formula_to_the_bit_and_leaves_its_input_alone():
+    """`to_xrv_range` scales in place in a float64 copy: the result must equal, bit for bit, the
+    textbook expression evaluated with temporaries, and a float64 input must not change."""
+    rng = np.random.default_rng(7)
+    for img, value_range in ((rng.normal(size=(37, 53)) * 900 + 40, None),
+                             (rng.integers(0, 256, size=(40, 30)).astype(np.float32), (0, 255)),
+                             (rng.normal(size=(20, 20)), (-1.5, 0.5))):  # values outside: clipped
+        before = img.copy()
+        lo, hi = value_range or (float(img.min()), float(img.max()))
+        unit = np.clip((img.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+        expected = (unit * 2048.0 + -1024.0).astype(np.float32)
+        out = to_xrv_range(img, value_range)
+        assert out.dtype == np.float32 and np.array_equal(out, expected)
+        assert np.array_equal(img, before)
+
+
 def test_preprocess_is_deterministic():
     img = _image(700, 500, seed=3)
     a, b = preprocess(img).tensor, preprocess(img).tensor

@@ -10,6 +10,7 @@ import pytest
 
 from audit.data import dicom as dcm
 from audit.data import dicom_pixels as pix
+from audit.data.decoded import check_not_empty
 from audit.data.readers import (
     DecodedImage,
     RejectedInput,
@@ -386,3 +387,18 @@ def test_rejected_phi_dicom_does_not_leak_into_the_reason(tmp_path, caplog, vari
 def test_unknown_modality_text_is_not_copied(tmp_path):
     image = read_image(hostile.dicom_cr(tmp_path / "x.dcm", Modality="JD"))
     assert image.meta["modality"] is None
+
+
+@pytest.mark.parametrize(("pixels", "reason"), [
+    (np.array([[1.0, np.nan], [2.0, 3.0]]), "non-finite"),
+    (np.full((3, 3), np.nan), "non-finite"),
+    (np.array([[1.0, np.inf], [2.0, 3.0]]), "non-finite"),
+    (np.array([[-np.inf, 1.0], [2.0, 3.0]]), "non-finite"),
+    (np.zeros((3, 3)), "image is all zero"),
+    (np.full((3, 3), 5.0), "image is constant"),
+    (np.zeros((0, 4)), "array of shape"),
+])
+def test_check_not_empty_names_each_kind_of_empty_decode(pixels: np.ndarray, reason: str) -> None:
+    with pytest.raises(RejectedInput, match=reason):
+        check_not_empty(pixels.astype(np.float32))
+    check_not_empty(np.array([[0.0, 1.0]], dtype=np.float32))  # two values: an image

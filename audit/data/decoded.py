@@ -4,6 +4,7 @@ on this module, and `readers.py` on them: no import circle)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +40,9 @@ def check_not_empty(pixels: np.ndarray) -> None:
     """Reject decodes that carry no image: non-finite values, constant or all-zero arrays."""
     if pixels.ndim != 2 or pixels.size == 0:
         raise RejectedInput(f"empty decode: array of shape {tuple(pixels.shape)}")
-    if not np.isfinite(pixels).all():
+    lo, hi = float(pixels.min()), float(pixels.max())  # NaN propagates; inf is an extreme
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise RejectedInput("empty decode: image contains non-finite values")
-    lo, hi = float(pixels.min()), float(pixels.max())
     if lo == hi:
         what = "all zero" if hi == 0 else "constant"
         raise RejectedInput(f"empty decode: image is {what}")

@@ -83,7 +83,7 @@ def nominal_range(pixels: np.ndarray, meta: dict) -> tuple[float, float] | None:
 def to_xrv_range(pixels: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Scale to [0, 1] by ``value_range`` (min-max when ``None``), then ``* 2048 - 1024``
     (float32). A constant input without a range is an error."""
-    arr = np.asarray(pixels, dtype=np.float64)
+    arr = np.array(pixels, dtype=np.float64)  # a copy: scaled in place below
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {arr.shape}")
     if value_range is None:
@@ -92,8 +92,14 @@ def to_xrv_range(pixels: np.ndarray, value_range: tuple[float, float] | None = N
         lo, hi = float(value_range[0]), float(value_range[1])
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         raise ValueError("image is constant or not finite: cannot scale its range")
-    unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
-    return (unit * (XRV_MAX - XRV_MIN) + XRV_MIN).astype(np.float32)
+    # clip((arr - lo) / (hi - lo), 0, 1) * (XRV_MAX - XRV_MIN) + XRV_MIN: the same float64
+    # operations in the same order, without a temporary array per step
+    np.subtract(arr, lo, out=arr)
+    np.divide(arr, hi - lo, out=arr)
+    np.clip(arr, 0.0, 1.0, out=arr)
+    np.multiply(arr, XRV_MAX - XRV_MIN, out=arr)
+    np.add(arr, XRV_MIN, out=arr)
+    return arr.astype(np.float32)
 
 
 def preprocess(pixels: np.ndarray, size: int = 224,
