@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import click
@@ -102,6 +104,21 @@ def collect_settings(ctx: click.Context, config: Path | None,
     return build_settings(file_values, given)
 
 
+def _import_while_the_server_starts(module: str) -> ModuleType:
+    """Start Prefect's temporary server (`flows.server`), import the flow module ``module`` and
+    torchxrayvision (about 2 s each on a CPU) while it boots in its own process, then wait until
+    it answers; returns the module."""
+    from flows.server import start_temporary_server
+
+    server = start_temporary_server()
+    flows_module = importlib.import_module(module)
+    from audit.model import import_model_code
+
+    import_model_code()
+    server.wait()
+    return flows_module
+
+
 def settings_from_command_line(ctx: click.Context, config: Path | None,
                                exclude: tuple[str, ...]) -> Any:
     """The run settings of a command (paths as strings), with Prefect's zero-setup defaults."""
@@ -177,16 +194,11 @@ def run(
 ) -> None:
     """Audit a model on a dataset end to end: ingest -> explain + score -> report."""
     settings = settings_from_command_line(ctx, config, exclude=("config",))
-    from flows.server import start_temporary_server
+    flows_audit = _import_while_the_server_starts("flows.audit")
+    from audit.model import CheckpointError, WeightsUnavailable
 
-    server = start_temporary_server()  # boots while torch and the model code import
-    from audit.model import CheckpointError, WeightsUnavailable, import_model_code
-    from flows.audit import run_with_runner
-
-    import_model_code()
-    server.wait()
     try:
-        result = run_with_runner(settings)
+        result = flows_audit.run_with_runner(settings)
     except (WeightsUnavailable, CheckpointError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -306,16 +318,9 @@ def demo(
 ) -> None:
     """Phantom calibration run: audit an honest, a shortcut and a random model side by side."""
     _quiet_prefect_defaults()
-    from flows.server import start_temporary_server
-
-    server = start_temporary_server()  # boots while torch and the model code import
-    from audit.model import import_model_code
-    from flows.demo import demo_flow
-
-    import_model_code()
-    server.wait()
-    result = demo_flow(out=str(out), n_images=n_images, seed=seed,
-                       progress=progress)
+    flows_demo = _import_while_the_server_starts("flows.demo")
+    result = flows_demo.demo_flow(out=str(out), n_images=n_images, seed=seed,
+                                  progress=progress)
     _print_checks(result["checks"])
     for kind, run_dir in result["runs"].items():
         typer.echo(f"{kind:9s} run: {run_dir}")
