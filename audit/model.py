@@ -85,6 +85,25 @@ def apply_fp32_policy() -> dict[str, bool]:
             "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
+#: The memory format of the network on each device type. On a CPU, oneDNN runs DenseNet-121 in
+#: channels_last much faster: 16 NIH-range images at 224 px on 2 cores, forward 0.96 vs 1.43 s,
+#: forward+backward 1.93 vs 2.11 s. The numbers are rounding variants of each other: features
+#: (hence Grad-CAM / Grad-CAM++ in closed form) within ~1e-6 relative; input gradients (IG)
+#: within ~3e-3 relative L2 on a random-init network (gradients through 120 layers amplify the
+#: rounding); each format is deterministic, and independent of thread count and batch size.
+#: CUDA keeps the contiguous layout (fp32 with TF32 off: channels_last not measured faster).
+MEMORY_FORMATS: dict[str, torch.memory_format] = {"cpu": torch.channels_last}
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """The memory format `load_model` gives a network on ``device`` (`MEMORY_FORMATS`)."""
+    return MEMORY_FORMATS.get(device.type, torch.contiguous_format)
+
+
+def _memory_format_name(fmt: torch.memory_format) -> str:
+    return str(fmt).removeprefix("torch.")
+
+
 class UnknownFinding(KeyError):
     """A finding name the model does not predict. ``.known`` lists the names it does."""
 
@@ -320,8 +339,11 @@ class AuditModel:
         return AuditModel(net, self.name, self.device, self.provenance)
 
     def to(self, device: str | torch.device) -> AuditModel:
+        """Move the network to ``device``, in that device's memory format (`memory_format_for`)."""
         self.device = resolve_device(device)
-        self.net.to(self.device)
+        fmt = memory_format_for(self.device)
+        self.net.to(self.device, memory_format=fmt)
+        self.provenance["memory_format"] = _memory_format_name(fmt)
         return self
 
     def __repr__(self) -> str:
@@ -488,8 +510,7 @@ def load_model(weights: str | None = None, checkpoint: Path | str | None = None,
         prov = {"source": "random-init", "seed": int(seed)}
     for p in net.parameters():
         p.requires_grad_(True)
-    net = net.to(dev).eval()
-    model = AuditModel(net, name, dev, prov)
+    model = AuditModel(net.eval(), name, dev, prov).to(dev)
     model.provenance["fingerprint"] = model.fingerprint
     if dev.type == "cuda":
         model.provenance["cuda"] = {"device_name": torch.cuda.get_device_name(dev), **precision}

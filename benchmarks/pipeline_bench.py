@@ -19,12 +19,17 @@ max RSS (and torch.cuda.max_memory_allocated on CUDA).
 
 ``--plain-loop`` adds the reference of the CPU target: a plain loop that decodes the same PNGs
 (PIL), resizes them to the model's input (PIL bilinear), scales them to torchxrayvision's range
-and runs one forward per batch of ``--batch-size``. ``--only-plain-loop`` runs only that.
+and runs one forward per batch of ``--batch-size`` of a stock network (torchxrayvision's
+contiguous layout). Where the audit's model runs in another memory format (channels_last on a
+CPU, `audit.model.MEMORY_FORMATS`), the loop runs a second time with that network: the first is
+the peer a plain user would write, the second the same loop at the audit's own forward speed.
+``--only-plain-loop`` runs only those.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import sys
@@ -42,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from audit.config import AuditSettings  # noqa: E402
 from audit.data.manifest import ingest, read_manifest, read_sidecar  # noqa: E402
-from audit.model import load_model  # noqa: E402
+from audit.model import load_model, memory_format_for  # noqa: E402
 from audit.run import plan  # noqa: E402
 from audit.run.batch import audit_batch  # noqa: E402
 from audit.run.estimate import run_plan  # noqa: E402
@@ -150,8 +155,10 @@ def floor_seconds(model, manifest_csv: Path, settings: AuditSettings, n_ig: int
     return out
 
 
-def plain_loop(manifest_csv: Path, model, batch_size: int, size: int) -> float:
-    """Decode every PNG of the manifest (PIL), resize, scale, one forward per batch."""
+def plain_loop(manifest_csv: Path, net, device: torch.device, batch_size: int, size: int
+               ) -> float:
+    """Decode every PNG of the manifest (PIL), resize, scale, one forward of ``net`` (its
+    ``logits``) per batch."""
     sidecar = read_sidecar(manifest_csv)
     paths = sorted(set(read_manifest(manifest_csv)["path"]))
     root = Path(sidecar["images_dir"])
@@ -162,11 +169,27 @@ def plain_loop(manifest_csv: Path, model, batch_size: int, size: int) -> float:
             with Image.open(root / rel) as img:
                 small = img.convert("L").resize((size, size), Image.Resampling.BILINEAR)
             arrays.append(np.asarray(small, dtype=np.float32) / 255.0 * 2048 - 1024)
-        x = torch.from_numpy(np.stack(arrays))[:, None].to(model.device)
+        x = torch.from_numpy(np.stack(arrays))[:, None].to(device)
         with torch.inference_mode():
-            model.logits(x)
-    _sync(model.device)
+            net.logits(x)
+    _sync(device)
     return time.perf_counter() - start
+
+
+def plain_loops(model, manifest_csv: Path, batch_size: int, size: int) -> dict[str, float]:
+    """The plain loop with a stock network (torchxrayvision's contiguous layout), and again with
+    the audit's own network when that runs in another memory format (channels_last on a CPU)."""
+    stock = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
+    cpu = _cpu_seconds()
+    rows = {"plain loop (decode + 1 forward/batch)": plain_loop(
+        manifest_csv, stock, model.device, batch_size, size)}
+    rows["plain loop: CPU seconds (user + sys)"] = _cpu_seconds() - cpu
+    fmt = memory_format_for(model.device)
+    if fmt != torch.contiguous_format:
+        name = str(fmt).removeprefix("torch.")
+        rows[f"plain loop, {name} as the audit's model"] = plain_loop(
+            manifest_csv, model.net, model.device, batch_size, size)
+    return rows
 
 
 def _cpu_seconds() -> float:
@@ -225,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             n_ig = counts.ig_pairs if "integrated_gradients" in settings.methods else 0
             rows.update(floor_seconds(model, manifest_csv, settings, n_ig))
         if args.plain_loop or args.only_plain_loop:
-            cpu = _cpu_seconds()
-            rows["plain loop (decode + 1 forward/batch)"] = plain_loop(
-                manifest_csv, model, args.batch_size, settings.image_size)
-            rows["plain loop: CPU seconds (user + sys)"] = _cpu_seconds() - cpu
+            rows.update(plain_loops(model, manifest_csv, args.batch_size, settings.image_size))
     floor = rows.get("floor total")
     print(f"# pipeline_bench: {source}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, methods {args.methods}, baselines {args.baselines or '-'}, "

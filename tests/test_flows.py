@@ -194,6 +194,7 @@ def test_run_json_hashes_match_the_inputs(small_run: dict) -> None:
         assert sha == _sha((small_run["images"] / key).resolve())
     assert run["model"]["fingerprint"] == load_model(random_init=True, seed=0,
                                                      device="cpu").fingerprint
+    assert run["model"]["memory_format"] == "channels_last"  # the CPU's (audit.model)
     for name, digest in run["files"].items():
         assert _sha(run_dir / name) == digest, name
     assert run["settings"]["ig_steps"] == 2  # from the config file

@@ -13,6 +13,8 @@ from audit.model import (
     UnknownFinding,
     WeightsUnavailable,
     load_model,
+    memory_format_for,
+    state_dict_fingerprint,
     weights_cache_path,
 )
 
@@ -45,13 +47,46 @@ def _stock(seed: int = 0):
     return xrv.models.DenseNet(weights=None).eval()
 
 
+def _in_layout_of(net: torch.nn.Module, model: AuditModel) -> torch.nn.Module:
+    """``net`` in the memory format of ``model`` on its device: the same ops in the same order,
+    so outputs can be compared bit for bit."""
+    return net.to(memory_format=memory_format_for(model.device))
+
+
 def test_hook_safe_forward_gives_identical_logits_to_stock_xrv_forward(model, x):
-    stock = _stock(0)
+    stock = _in_layout_of(_stock(0), model)
     with torch.no_grad():
         expected = stock(x)
         assert torch.equal(model.logits(x), expected)
         assert torch.equal(model.net(x), expected)
         assert torch.equal(stock.features2(x), model.net.features2(x))
+
+
+def test_a_cpu_model_runs_channels_last_and_only_rounding_separates_it_from_the_stock_layout(
+        model, x):
+    assert memory_format_for(torch.device("cpu")) == torch.channels_last
+    conv = model.net.features.denseblock1.denselayer1.conv2.weight  # 3x3 over 128 channels
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert model.provenance["memory_format"] == "channels_last"
+    stock = _stock(0)  # contiguous, as torchxrayvision builds it
+    # the fingerprint hashes values, not strides: the same weights in either layout
+    assert model.fingerprint == state_dict_fingerprint(stock.state_dict())
+    with torch.no_grad():
+        ours, theirs = model.logits(x), stock(x)
+        acts, stock_acts = model.features(x), torch.relu(stock.features(x))
+    assert not torch.equal(ours, theirs)  # another summation order...
+    # ...of float32 sums over up to 1024 channels: 1e-5 of the largest value (observed ~1e-6)
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    assert (acts - stock_acts).abs().max() <= 1e-5 * stock_acts.abs().max()
+
+
+def test_moving_a_model_gives_it_the_memory_format_of_its_new_device(model):
+    moved = model.copy()
+    moved.net.to(memory_format=torch.contiguous_format)
+    moved.to("cpu")
+    conv = moved.net.features.denseblock1.denselayer1.conv2.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert moved.provenance["memory_format"] == "channels_last"
 
 
 def test_hook_safe_forward_does_not_modify_the_norm5_output(model, x):
@@ -145,7 +180,8 @@ def test_named_weights_load_from_the_cache_with_their_labels_and_op_threshs(mode
     m = load_model(weights="densenet121-res224-nih", cache_dir=tmp_path, device="cpu")
     assert m.pathologies == list(xrv.models.model_urls["nih"]["labels"])
     assert m.op_threshs is not None and torch.isnan(m.op_threshs[-1])
-    ref = xrv.models.DenseNet(weights="densenet121-res224-nih", cache_dir=str(tmp_path))
+    ref = _in_layout_of(
+        xrv.models.DenseNet(weights="densenet121-res224-nih", cache_dir=str(tmp_path)), m)
     x224 = torch.nn.functional.interpolate(x[:1], size=224, mode="bilinear")
     with torch.no_grad():
         expected = ref(x224)  # op-normed outputs, as xrv reports them
@@ -158,7 +194,7 @@ def test_named_weights_load_from_the_cache_with_their_labels_and_op_threshs(mode
 
 def test_probabilities_apply_op_norm_exactly_like_xrv(model, x):
     op = torch.tensor(xrv.models.model_urls["nih"]["op_threshs"], dtype=torch.float32)
-    stock = _stock(0)
+    stock = _in_layout_of(_stock(0), model)
     stock.op_threshs = op
     m = model.copy()
     m.net.op_threshs = op.clone()

@@ -15,7 +15,8 @@ from .format import as_text, fmt, timestamp
 
 RUN_FIELDS = ("run_id", "started_at", "finished_at", "status", "device", "git_commit", "host",
               "target_layer")
-MODEL_FIELDS = ("name", "fingerprint", "checkpoint_sha256", "source", "seed", "published")
+MODEL_FIELDS = ("name", "fingerprint", "checkpoint_sha256", "source", "seed", "published",
+                "memory_format")
 DATASET_FIELDS = ("name", "manifest_path", "manifest_sha256", "n_images", "n_boxes", "images_dir")
 
 

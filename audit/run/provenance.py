@@ -28,7 +28,8 @@ PACKAGES = ("cxr-audit", "torch", "torchvision", "torchxrayvision", "numpy", "sc
 
 def model_section(model: Any) -> dict[str, Any]:
     """Name, fingerprint, source (``weights`` | ``checkpoint`` | ``random-init``), seed, whether
-    the weights are a published set, the checkpoint's sha256, and the outputs."""
+    the weights are a published set, the checkpoint's sha256, the outputs, and the memory format
+    the network ran in (`audit.model.MEMORY_FORMATS`: its rounding is part of the numbers)."""
     prov = model.provenance
     source = prov.get("source", "")
     return {
@@ -40,6 +41,7 @@ def model_section(model: Any) -> dict[str, Any]:
         "published": source == "weights",
         "checkpoint_sha256": prov.get("file_sha256") if source == "checkpoint" else None,
         "pathologies": [p for p in model.pathologies if p],
+        "memory_format": prov.get("memory_format"),
     }
 
 
