@@ -51,7 +51,7 @@ from audit.model import load_model, memory_format_for  # noqa: E402
 from audit.run import plan  # noqa: E402
 from audit.run.batch import audit_batch  # noqa: E402
 from audit.run.estimate import run_plan  # noqa: E402
-from audit.run.images import ImagePrefetcher, auto_workers  # noqa: E402
+from audit.run.images import auto_workers, image_prefetcher, submit_next  # noqa: E402
 from audit.saliency.integrated_gradients import auto_chunk, quadrature  # noqa: E402
 
 NIH_DEV = REPO.parent / "shared" / "data" / "nih_bbox_dev"
@@ -102,20 +102,22 @@ def run_pipeline(model, manifest_csv: Path, settings: AuditSettings, out: Path
     selection = plan.select_images(manifest, settings)
     batches = plan.plan_batches(selection, settings, model.fingerprint)
     seconds["plan"] = time.perf_counter() - start
-    loader = ImagePrefetcher(images_root, settings.image_size,
-                             auto_workers(settings.prefetch_workers))
+    workers = auto_workers(settings.prefetch_workers, model.device.type,
+                           n_batches=len(batches))
+    loader = image_prefetcher(images_root, settings.image_size, workers)
     rows_of = {b.key: selection.manifest[selection.manifest["image_key"].isin(b.image_keys)]
                for b in batches}
     try:
-        for i, b in enumerate(batches):
-            if i + 1 < len(batches):
-                loader.submit(batches[i + 1].key, rows_of[batches[i + 1].key])
+        for b, nxt in zip(batches, [*batches[1:], None], strict=True):
+            device_done = None if nxt is None else submit_next(loader, nxt.key, rows_of[nxt.key])
             tick = time.perf_counter()
             loaded = loader.take(b.key, rows_of[b.key])
             seconds["load (waited)"] += time.perf_counter() - tick
-            seconds["explain+score"] += timed(lambda b=b, loaded=loaded: audit_batch(
-                model, rows_of[b.key], images_root, settings, b.costly, out / b.key,
-                loaded=loaded, ig_pairs=b.ig), model.device)
+            seconds["explain+score"] += timed(lambda b=b, loaded=loaded, done=device_done:
+                                              audit_batch(model, rows_of[b.key], images_root,
+                                                          settings, b.costly, out / b.key,
+                                                          loaded=loaded, ig_pairs=b.ig,
+                                                          device_done=done), model.device)
     finally:
         loader.close()
     seconds["pipeline total"] = sum(seconds.values())
@@ -252,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = rows.get("floor total")
     print(f"# pipeline_bench: {source}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, methods {args.methods}, baselines {args.baselines or '-'}, "
-          f"metrics {args.metrics}, IG steps {args.ig_steps}, prefetch workers "
-          f"{auto_workers(args.prefetch_workers)}")
+          f"metrics {args.metrics}, IG steps {args.ig_steps}, decode workers "
+          f"{auto_workers(args.prefetch_workers, device.type)} (0: threads)")
     if not args.only_plain_loop:
         print(f"# {counts.images} images, {counts.boxes} boxes, {counts.targets} targets, "
               f"{n_ig} IG pairs, {counts.costly_pairs} costly pairs")

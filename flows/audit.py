@@ -27,7 +27,7 @@ from audit.config import AuditSettings
 from audit.run import plan
 from audit.run.assemble import RunContext, assemble_run
 from audit.run.batch import audit_batch
-from audit.run.images import ImagePrefetcher, auto_workers
+from audit.run.images import ImagePrefetcher, auto_workers, image_prefetcher, submit_next
 from audit.store.files import sha256_file
 from audit.store.registry import Registry
 from audit.store.rundir import RunDirectory, new_run_id, read_run_json
@@ -59,11 +59,12 @@ def _model_for(settings: AuditSettings) -> Any:
 _PREFETCHERS: dict[tuple[str, int, int], ImagePrefetcher] = {}
 
 
-def _prefetcher_for(images_root: str, settings: AuditSettings) -> ImagePrefetcher:
-    """One image prefetcher per process and image folder (its workers outlive a batch)."""
-    spec = (str(images_root), settings.image_size, auto_workers(settings.prefetch_workers))
+def _prefetcher_for(images_root: str, size: int, workers: int) -> ImagePrefetcher:
+    """One image prefetcher per process, image folder and worker count (its workers or threads
+    outlive a batch)."""
+    spec = (str(images_root), int(size), int(workers))
     if spec not in _PREFETCHERS:
-        _PREFETCHERS[spec] = ImagePrefetcher(Path(spec[0]), spec[1], spec[2])
+        _PREFETCHERS[spec] = image_prefetcher(Path(spec[0]), spec[1], spec[2])
     return _PREFETCHERS[spec]
 
 
@@ -128,23 +129,27 @@ def audit_batch_task(
     cache_dir: str,
     ig: list[list[str]] | None = None,
     prefetch: tuple[str, list[str]] | None = None,
+    decode_workers: int = 0,
 ) -> str:
     """Explain and score one batch; returns the path of its result folder. ``prefetch``: the
-    next batch (key, image keys), decoded in a worker process while this one computes."""
+    next batch (key, image keys), decoded ahead (`audit.run.images.submit_next`) in
+    ``decode_workers`` processes, or in threads when that is 0."""
     out_dir = Path(cache_dir) / "batches" / key
     if (out_dir / "boxes.parquet").exists():
         return str(out_dir)
     run_settings = AuditSettings(**settings)
     manifest = _manifest(manifest_csv)
-    loader = _prefetcher_for(images_root, run_settings)
+    loader = _prefetcher_for(images_root, run_settings.image_size, decode_workers)
+    device_done = None
     if prefetch is not None:
-        loader.submit(prefetch[0], manifest[manifest["image_key"].isin(prefetch[1])])
+        device_done = submit_next(loader, prefetch[0],
+                                  manifest[manifest["image_key"].isin(prefetch[1])])
     rows = manifest[manifest["image_key"].isin(image_keys)]
     model = _model_for(run_settings)
     started = time.perf_counter()
     audit_batch(model, rows, Path(images_root), run_settings, [tuple(p) for p in costly],
                 out_dir, loaded=loader.take(key, rows),
-                ig_pairs=None if ig is None else [tuple(p) for p in ig])
+                ig_pairs=None if ig is None else [tuple(p) for p in ig], device_done=device_done)
     with open(Path(cache_dir) / COMPUTE_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(json.dumps({"key": key, "index": index, "pid": os.getpid(),
                                    "seconds": round(time.perf_counter() - started, 3)}) + "\n")
@@ -214,14 +219,17 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
     tell_plan(selection, settings, model, Path(sidecar["images_dir"]))
 
     tick = time.perf_counter()
-    # one process runs the batches in turn: it prefetches the next (when that pays, auto_workers)
-    prefetching = settings.runner != "dask" and auto_workers(settings.prefetch_workers,
-                                                             n_batches=len(batches)) > 0
+    # one process runs the batches in turn and decodes the next ahead; Dask workers each decode
+    # their own batch when it comes (in threads)
+    prefetching = settings.runner != "dask"
+    workers = auto_workers(settings.prefetch_workers, model.device.type,
+                           n_batches=len(batches)) if prefetching else 0
     futures = [audit_batch_task.submit(
         b.index, b.key, b.image_keys, str(manifest_path), sidecar["images_dir"],
         settings.to_dict(), [list(p) for p in b.costly], str(cache_dir),
         ig=None if b.ig is None else [list(p) for p in b.ig],
-        prefetch=(nxt.key, nxt.image_keys) if prefetching and nxt is not None else None)
+        prefetch=(nxt.key, nxt.image_keys) if prefetching and nxt is not None else None,
+        decode_workers=workers)
         for b, nxt in zip(batches, [*batches[1:], None], strict=True)]
     try:
         batch_dirs = [Path(f.result()) for f in tqdm(futures, desc="explain+score",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 
 import hostile
 import numpy as np
@@ -81,9 +83,50 @@ def test_png_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypa
     def no_pillow(*args, **kwargs):
         raise AssertionError("Pillow must not be reached for a declared bomb")
 
-    monkeypatch.setattr("audit.data.png.Image.open", no_pillow)
+    monkeypatch.setattr("audit.data.png.PngImagePlugin.PngImageFile", no_pillow)
     with pytest.raises(RejectedInput, match=r"image too large: declared 20000x20000"):
         read_image(path)
+
+
+def test_only_our_pixel_limit_applies_to_a_png_and_decoding_leaves_warnings_alone(
+        tmp_path, monkeypatch):
+    # Pillow's global limit, shrunk below this 48 x 64 image: Image.open would refuse it
+    # (DecompressionBombError above twice the limit); the decoder must not consult it, nor
+    # touch the process-wide warnings filters (batches decode in threads).
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)
+    path = hostile.png_gray8(tmp_path / "x.png")
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inner = list(warnings.filters)
+        assert read_image(path).pixels.shape == (64, 48)
+        assert warnings.filters == inner
+    assert caught == [] and warnings.filters == filters
+
+
+def test_quiet_pydicom_sections_run_one_at_a_time():
+    first_inside, release, second_inside = (threading.Event() for _ in range(3))
+
+    def first() -> None:
+        with dcm.quiet_pydicom():
+            first_inside.set()
+            release.wait(30)
+
+    def second() -> None:
+        with dcm.quiet_pydicom():
+            second_inside.set()
+
+    a = threading.Thread(target=first)
+    b = threading.Thread(target=second)
+    a.start()
+    assert first_inside.wait(30)
+    b.start()
+    assert not second_inside.wait(0.5)  # waits for the first section to end
+    release.set()
+    assert second_inside.wait(30)
+    a.join(30)
+    b.join(30)
+    assert not logging.getLogger("pydicom").disabled
 
 
 def test_pixel_limit_is_configurable(tmp_path):

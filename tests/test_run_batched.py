@@ -21,8 +21,12 @@ from audit.run.images import (
     PREFETCH_MIN_BATCHES,
     ImagePrefetcher,
     LoadedImage,
+    ProcessPrefetcher,
+    ThreadPrefetcher,
     auto_workers,
+    image_prefetcher,
     load_batch_images,
+    submit_next,
     thumbnail_png,
 )
 from audit.saliency import explain_all, get_method
@@ -212,7 +216,7 @@ def test_batch_with_an_ig_sample_scores_ig_on_the_sample_and_cam_everywhere(
     np.testing.assert_allclose(merged["iou"], merged["iou_full"], rtol=1e-6, atol=1e-9)
 
 
-def test_prefetched_images_equal_the_images_decoded_here(tmp_path):
+def _three_pngs_and_a_missing_file(tmp_path) -> pd.DataFrame:
     from PIL import Image
 
     rng = np.random.default_rng(2)
@@ -222,29 +226,92 @@ def test_prefetched_images_equal_the_images_decoded_here(tmp_path):
             tmp_path / f"p{i}.png")
         rows.append({"image_key": f"p{i}.png", "path": f"p{i}.png"})
     rows.append({"image_key": "gone.png", "path": "gone.png"})
-    frame = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads", "serial"])
+def test_prefetched_images_equal_the_images_decoded_here(tmp_path, kind):
+    frame = _three_pngs_and_a_missing_file(tmp_path)
     here, rejects_here = load_batch_images(frame, tmp_path, SIZE)
-    prefetcher = ImagePrefetcher(tmp_path, SIZE, workers=1)
+    prefetcher = {"processes": lambda: ProcessPrefetcher(tmp_path, SIZE, workers=1),
+                  "threads": lambda: ThreadPrefetcher(tmp_path, SIZE, threads=3),
+                  "serial": lambda: ImagePrefetcher(tmp_path, SIZE)}[kind]()
     try:
         prefetcher.submit("b0", frame)
         there, rejects_there = prefetcher.take("b0", frame)
-        inline, _ = prefetcher.take("never-submitted", frame)
+        inline, rejects_inline = prefetcher.take("never-submitted", frame)
     finally:
         prefetcher.close()
-    assert rejects_there == rejects_here and len(rejects_here) == 1
+    assert rejects_there == rejects_here == rejects_inline and len(rejects_here) == 1
     assert [i.key for i in there] == [i.key for i in here] == [i.key for i in inline]
-    for a, b in zip(there, here, strict=True):
+    for a, b, c in zip(there, here, inline, strict=True):
         assert isinstance(a.tensor, torch.Tensor) and torch.equal(a.tensor, b.tensor)
-        assert a.thumb_png == b.thumb_png and a.pre.original_size == b.pre.original_size
+        assert torch.equal(c.tensor, b.tensor)
+        assert a.thumb_png == b.thumb_png == c.thumb_png
+        assert a.pre.original_size == b.pre.original_size
+
+
+def test_a_cpu_run_decodes_in_threads_once_the_model_is_done_and_a_gpu_run_beside_it(tmp_path):
+    frame = _three_pngs_and_a_missing_file(tmp_path)
+    assert auto_workers(None, "cpu", cores=64, n_batches=100) == 0
+    threads = image_prefetcher(tmp_path, SIZE, workers=0)
+    processes = image_prefetcher(tmp_path, SIZE, workers=1)
+    try:
+        assert isinstance(processes, ProcessPrefetcher) and processes.beside_the_device
+        assert submit_next(processes, "b1", frame) is None  # started at once
+        assert "b1" in processes._pending
+        if torch.get_num_threads() > 1:
+            assert isinstance(threads, ThreadPrefetcher)
+        assert not threads.beside_the_device
+        start = submit_next(threads, "b1", frame)
+        assert callable(start) and "b1" not in getattr(threads, "_pending", {})
+        start()  # what audit_batch calls once the model is done (device_done)
+        if isinstance(threads, ThreadPrefetcher):
+            assert "b1" in threads._pending
+        assert [i.key for i in threads.take("b1", frame)[0]] == ["p0.png", "p1.png", "p2.png"]
+    finally:
+        threads.close()
+        processes.close()
+
+
+@pytest.mark.parametrize("with_costly", [False, True])
+def test_audit_batch_says_once_when_it_no_longer_needs_the_model(model, tmp_path, monkeypatch,
+                                                                 with_costly):
+    import audit.run.batch as batch_module
+
+    events: list[str] = []
+    for name in ("_explain", "_add_costly"):
+        real = getattr(batch_module, name)
+
+        def spy(*args, real=real, name=name, **kwargs):
+            events.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(batch_module, name, spy)
+    frame = _three_pngs_and_a_missing_file(tmp_path)
+    frame["box_x"], frame["box_y"], frame["box_w"], frame["box_h"] = 5.0, 5.0, 20.0, 20.0
+    frame["model_finding"] = frame["finding"] = "Mass"
+    frame["labels"] = "Mass"
+    frame["sha256"], frame["box_index"] = "0" * 64, 0
+    settings = _settings(metrics=["localization", "repeatability"])
+    costly = [("p0.png", "Mass")] if with_costly else []
+    audit_batch(model, frame, tmp_path, settings, costly, tmp_path / "out",
+                device_done=lambda: events.append("done"))
+    expected = ["_explain", "_add_costly", "done"] if with_costly else \
+        ["_explain", "done", "_add_costly"]
+    assert events == expected
 
 
 def test_default_decode_workers_leave_two_cores_to_torch_but_one_worker_from_two_cores():
-    assert [auto_workers(None, cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 1, 1, 2, 4, 4]
-    assert auto_workers(3, 2) == 3 and auto_workers(0, 64) == 0
+    gpu = [auto_workers(None, "cuda", cores) for cores in (1, 2, 3, 4, 8, 64)]
+    assert gpu == [0, 1, 1, 2, 4, 4]
+    assert auto_workers(3, "cuda", 2) == 3 and auto_workers(0, "cuda", 64) == 0
     # a short run starts no workers unless asked to
-    assert auto_workers(None, 8, n_batches=PREFETCH_MIN_BATCHES - 1) == 0
-    assert auto_workers(None, 8, n_batches=PREFETCH_MIN_BATCHES) == 4
-    assert auto_workers(2, 8, n_batches=1) == 2
+    assert auto_workers(None, "cuda", 8, n_batches=PREFETCH_MIN_BATCHES - 1) == 0
+    assert auto_workers(None, "cuda", 8, n_batches=PREFETCH_MIN_BATCHES) == 4
+    assert auto_workers(2, "cuda", 8, n_batches=1) == 2
+    # on the CPU, threads of this process decode (workers only when asked for)
+    assert auto_workers(None, "cpu", 64) == 0 and auto_workers(2, "cpu", 64) == 2
 
 
 def test_thumbnail_is_the_min_max_scaled_image_at_256_px():

@@ -9,7 +9,7 @@ original frame.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -177,10 +177,13 @@ def box_table(pending: PendingScores, threshold: float) -> pd.DataFrame:
 def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: AuditSettings,
                 costly: Iterable[tuple[str, str]], out_dir: Path,
                 loaded: LoadedBatch | None = None,
-                ig_pairs: Iterable[tuple[str, str]] | None = None) -> Path:
+                ig_pairs: Iterable[tuple[str, str]] | None = None,
+                device_done: Callable[[], None] | None = None) -> Path:
     """Explain and score one batch; write its folder atomically (staged, then renamed) and
     return it. ``loaded``: the batch's images when already decoded (`ImagePrefetcher`);
-    ``ig_pairs``: the (image, finding) pairs IG explains (None: every target)."""
+    ``ig_pairs``: the (image, finding) pairs IG explains (None: every target);
+    ``device_done``: called once the batch no longer needs the model (its last explain or
+    costly metric done), e.g. to start decoding the next batch on the CPU's cores."""
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
@@ -195,9 +198,11 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
     targets = [image_targets(model, groups[item.key], item, tables.rejects) for item in items]
     names = list(settings.methods) + list(settings.baselines)
     explained = _explain(model, items, targets, names, settings, ig_pairs)
+    costly_set = {tuple(p) for p in costly}
+    if device_done is not None and not costly_set:
+        device_done()
     logits_np = explained.logits.float().cpu().numpy()
     probs = model.probabilities_from_logits(explained.logits).float().cpu().numpy()
-    costly_set = {tuple(p) for p in costly}
     pairs: list[CostlyPair] = []
     for index, item in enumerate(items):
         group = groups[item.key]
@@ -207,6 +212,8 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
             pairs += _score_image(model, item, group, targets[index], explained, index,
                                   logits_np[index], probs[index], costly_set, settings, tables)
     _add_costly(model, pairs, settings, tables)
+    if device_done is not None and costly_set:
+        device_done()
     _write_batch(staging, tables, box_table(tables.pending, settings.threshold),
                  settings.save_maps)
     if out_dir.exists():
