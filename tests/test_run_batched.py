@@ -353,3 +353,45 @@ def test_gauss_legendre_counts_its_two_end_forwards():
     settings = _settings(methods=["integrated_gradients"], ig_steps=5)
     selection = plan.Selection(manifest=_manifest())
     assert estimate.run_plan(selection, settings).ig_points == 7
+
+
+def test_image_rows_read_boxes_labels_and_targets_of_each_image_once(model):
+    from audit.run.batch import image_rows, image_targets, prediction_rows
+
+    nan = np.nan
+    rows = pd.DataFrame([  # manifest rows: one per box, one per image without boxes
+        {"image_key": "a", "path": "a.png", "labels": "Mass|Nodule", "model_finding": "Mass",
+         "box_x": 1.0, "box_index": 0},
+        {"image_key": "a", "path": "a.png", "labels": "Mass|Nodule", "model_finding": "Nodule",
+         "box_x": 2.0, "box_index": 1},
+        {"image_key": "a", "path": "a.png", "labels": "Mass|Nodule", "model_finding": "Mass",
+         "box_x": 3.0, "box_index": 2},
+        {"image_key": "b", "path": "sub/b.png", "labels": "Infiltrate|No Finding",
+         "model_finding": nan, "box_x": nan, "box_index": nan},
+        {"image_key": "c", "path": "c.png", "labels": nan, "model_finding": nan, "box_x": nan,
+         "box_index": nan},
+        {"image_key": "d", "path": "d.png", "labels": "Unicorn", "model_finding": nan,
+         "box_x": nan, "box_index": nan},
+    ])
+    images = image_rows(rows)
+    a, b, c = images["a"], images["b"], images["c"]
+    assert sorted(a.boxes) == ["Mass", "Nodule"]
+    assert a.boxes["Mass"]["box_index"].tolist() == [0, 2]  # manifest order
+    assert a.label_findings == ["Mass", "Nodule"] and a.has_labels
+    assert b.boxes == {} and b.label_findings == ["Infiltration"] and b.path == "sub/b.png"
+    assert not c.has_labels and c.label_findings == [] and c.named_findings == set()
+    rejects: list[dict[str, str]] = []
+    item = {k: LoadedImage(key=k, pre=None, thumb_png=b"") for k in "abcd"}
+    assert image_targets(model, a, item["a"], rejects) == ["Mass", "Nodule"]
+    assert image_targets(model, b, item["b"], rejects) == ["Infiltration"]  # from its labels
+    assert image_targets(model, c, item["c"], rejects) == []
+    assert image_targets(model, images["d"], item["d"], rejects) == []
+    assert [(r["image_key"], r["finding"]) for r in rejects] == [("d", "Unicorn")]
+    n = len(model.pathologies)
+    zeros = np.zeros(n)
+    labels_b = {r["finding"]: r["label"] for r in prediction_rows(model, b, item["b"], zeros,
+                                                                    zeros)}
+    assert labels_b["Infiltration"] == 1.0 and labels_b["Mass"] == 0.0
+    labels_c = [r["label"] for r in prediction_rows(model, c, item["c"], zeros, zeros)]
+    assert len(labels_c) == len([p for p in model.pathologies if p])
+    assert all(np.isnan(v) for v in labels_c)  # no labels: unknown, not negative

@@ -39,13 +39,51 @@ from audit.store.rundir import (
 )
 
 
-def label_findings(group: pd.DataFrame) -> list[str]:
-    """Model finding names of an image's NIH labels ("No Finding" dropped)."""
-    labels = group["labels"].dropna() if "labels" in group else pd.Series(dtype=object)
-    if not len(labels):
-        return []
-    names = [n for n in str(labels.iloc[0]).split("|") if n and n != "No Finding"]
+def label_findings(labels: Any) -> list[str]:
+    """Model finding names of an image's NIH label text ("A|B", "No Finding" dropped)."""
+    names = [n for n in str(labels).split("|") if n and n != "No Finding"]
     return sorted({to_model_finding(n) for n in names})
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """What a batch reads from one image's manifest rows, read once: the file's path, its box
+    rows by model finding (manifest order, original frame), the model findings of its labels,
+    every model finding its rows name, and whether it has labels at all."""
+
+    path: str
+    boxes: dict[str, pd.DataFrame]
+    label_findings: list[str]
+    named_findings: set[str]
+    has_labels: bool
+
+    def boxes_of(self, finding: str, empty: pd.DataFrame) -> pd.DataFrame:
+        return self.boxes.get(finding, empty)
+
+
+def image_rows(rows: pd.DataFrame) -> dict[str, ImageRows]:
+    """`ImageRows` of every image of a batch's manifest rows, by image key (labels: an image's
+    first non-empty label text)."""
+    boxes: dict[str, dict[str, pd.DataFrame]] = {}
+    boxed = rows.dropna(subset=["box_x"])
+    for (key, finding), group in boxed.groupby(["image_key", "model_finding"], sort=True):
+        boxes.setdefault(str(key), {})[str(finding)] = group
+    paths: dict[str, str] = {}
+    labels: dict[str, Any] = {}
+    named: dict[str, set[str]] = {}
+    label_column = rows["labels"] if "labels" in rows else pd.Series(None, index=rows.index)
+    for key, path, label, finding in zip(rows["image_key"].astype(str), rows["path"],
+                                         label_column, rows["model_finding"], strict=True):
+        paths.setdefault(key, str(path))
+        named.setdefault(key, set())
+        if not pd.isna(finding):
+            named[key].add(finding)
+        if not pd.isna(label):
+            labels.setdefault(key, label)
+    return {key: ImageRows(path=path, boxes=boxes.get(key, {}),
+                           label_findings=label_findings(labels[key]) if key in labels else [],
+                           named_findings=named[key], has_labels=key in labels)
+            for key, path in paths.items()}
 
 
 def pointing_tolerance_for(item: LoadedImage) -> float:
@@ -106,28 +144,27 @@ class BatchTables:
         self.map_counts[key] = self.map_counts.get(key, 0) + 1
 
 
-def image_targets(model: Any, group: pd.DataFrame, item: LoadedImage,
+def image_targets(model: Any, image: ImageRows, item: LoadedImage,
                   rejects: list[dict[str, str]]) -> list[str]:
     """An image's targets: the model findings of its boxes (of its labels when it has none);
     findings the model does not predict become rejects rows."""
-    boxed = group.dropna(subset=["box_x"])
-    wanted = sorted(boxed["model_finding"].unique()) if len(boxed) else label_findings(group)
+    wanted = sorted(image.boxes) if image.boxes else image.label_findings
     known = set(model.pathologies) - {""}
     for name in wanted:
         if name not in known:
-            rejects.append(reject_row(group["path"].iloc[0], item.key,
+            rejects.append(reject_row(image.path, item.key,
                                       f"finding {name!r} is not an output of the model", name))
     return [f for f in wanted if f in known]
 
 
-def prediction_rows(model: Any, group: pd.DataFrame, item: LoadedImage, logits: np.ndarray,
+def prediction_rows(model: Any, image: ImageRows, item: LoadedImage, logits: np.ndarray,
                     probs: np.ndarray) -> list[dict[str, Any]]:
     """One row per model output: logit, probability, and the label when the image has labels."""
-    labelled = set(label_findings(group)) | set(group["model_finding"].dropna())
-    has_labels = bool(group["labels"].notna().any()) if "labels" in group else False
+    labelled = set(image.label_findings) | image.named_findings
     return [{"image_key": item.key, "finding": name, "logit": float(logits[i]),
              "probability": float(probs[i]),
-             "label": float(name in labelled) if has_labels or name in labelled else np.nan}
+             "label": float(name in labelled) if image.has_labels or name in labelled
+             else np.nan}
             for i, name in enumerate(model.pathologies) if name]
 
 
@@ -194,8 +231,9 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
     tables.rejects = list(tables.rejects)
     for item in items:
         atomic_write_bytes(staging / "thumbs" / thumbnail_name(item.key), item.thumb_png)
-    groups = {str(key): group for key, group in rows.groupby("image_key", sort=False)}
-    targets = [image_targets(model, groups[item.key], item, tables.rejects) for item in items]
+    images = image_rows(rows)
+    no_boxes = rows.iloc[0:0]
+    targets = [image_targets(model, images[item.key], item, tables.rejects) for item in items]
     names = list(settings.methods) + list(settings.baselines)
     explained = _explain(model, items, targets, names, settings, ig_pairs)
     costly_set = {tuple(p) for p in costly}
@@ -205,12 +243,13 @@ def audit_batch(model: Any, rows: pd.DataFrame, images_root: Path, settings: Aud
     probs = model.probabilities_from_logits(explained.logits).float().cpu().numpy()
     pairs: list[CostlyPair] = []
     for index, item in enumerate(items):
-        group = groups[item.key]
-        tables.predictions += prediction_rows(model, group, item, logits_np[index],
+        image = images[item.key]
+        tables.predictions += prediction_rows(model, image, item, logits_np[index],
                                              probs[index])
-        if targets[index]:
-            pairs += _score_image(model, item, group, targets[index], explained, index,
-                                  logits_np[index], probs[index], costly_set, settings, tables)
+        for finding in targets[index]:
+            pairs += _score_target(model, item, image.boxes_of(finding, no_boxes), finding,
+                                   explained, index, logits_np[index], probs[index],
+                                   costly_set, settings, tables)
     _add_costly(model, pairs, settings, tables)
     if device_done is not None and costly_set:
         device_done()
@@ -241,41 +280,38 @@ def _explain(model: Any, items: list[LoadedImage], targets: list[list[str]], nam
                          **settings.saliency_options())
 
 
-def _score_image(model: Any, item: LoadedImage, group: pd.DataFrame, targets: list[str],
-                 explained: BatchExplanation, index: int, logits: np.ndarray,
-                 probs: np.ndarray, costly_set: set[tuple[str, str]], settings: AuditSettings,
-                 tables: BatchTables) -> list[CostlyPair]:
-    """Image, box and map rows of one image's targets; returns its costly pairs."""
+def _score_target(model: Any, item: LoadedImage, boxes: pd.DataFrame, finding: str,
+                  explained: BatchExplanation, index: int, logits: np.ndarray,
+                  probs: np.ndarray, costly_set: set[tuple[str, str]], settings: AuditSettings,
+                  tables: BatchTables) -> list[CostlyPair]:
+    """Image, box and map rows of one target (finding) of image ``index``, whose expert boxes
+    are ``boxes`` (manifest rows, original frame; none for a target from the labels); returns
+    its costly pair, if it has one."""
     results = explained.results[index]
-    pairs = []
-    boxed = group.dropna(subset=["box_x"])
-    for finding in targets:
-        out = model.finding_index(finding)
-        prob, logit = float(probs[out]), float(logits[out])
-        positive: dict[str, np.ndarray] = {}
-        ks = {m: explained.map_index(index, m, out) for m in explained.targets}
-        for method in [m for m in explained.targets if ks[m] is not None]:
-            k = ks[method]
-            # The one place where each (image, finding, method) map is a numpy array.
-            saliency = results[method].maps[0, k].detach().float().cpu().numpy()
-            positive[method] = np.clip(saliency, 0, None)
-            tables.add_to_average(method, finding, positive[method])
-            if settings.save_maps:
-                key = map_key(method, saved_map_key(item.key, finding))
-                tables.saved_maps[key] = saliency.astype(np.float16)
-            tables.gallery_maps.update(gallery_entry(method, item.key, finding, saliency,
-                                                     item.pre.boxes_to_original))
-            extras = {n: float(v[0, k]) for n, v in results[method].extras.items()}
-            tables.images.append({"image_key": item.key, "finding": finding, "method": method,
-                                  "probability": prob, "logit": logit, **extras})
-        boxes = boxed[boxed["model_finding"] == finding]
-        in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
-        if len(boxes):
-            tables.pending.add(item, boxes, in_model, finding, positive, prob, logit)
-        if (item.key, finding) in costly_set:
-            pairs.append(CostlyPair(item, finding, results, ks, in_model,
-                                    pointing_tolerance_for(item)))
-    return pairs
+    out = model.finding_index(finding)
+    prob, logit = float(probs[out]), float(logits[out])
+    positive: dict[str, np.ndarray] = {}
+    ks = {m: explained.map_index(index, m, out) for m in explained.targets}
+    for method in [m for m in explained.targets if ks[m] is not None]:
+        k = ks[method]
+        # The one place where each (image, finding, method) map is a numpy array.
+        saliency = results[method].maps[0, k].detach().float().cpu().numpy()
+        positive[method] = np.clip(saliency, 0, None)
+        tables.add_to_average(method, finding, positive[method])
+        if settings.save_maps:
+            key = map_key(method, saved_map_key(item.key, finding))
+            tables.saved_maps[key] = saliency.astype(np.float16)
+        tables.gallery_maps.update(gallery_entry(method, item.key, finding, saliency,
+                                                 item.pre.boxes_to_original))
+        extras = {n: float(v[0, k]) for n, v in results[method].extras.items()}
+        tables.images.append({"image_key": item.key, "finding": finding, "method": method,
+                              "probability": prob, "logit": logit, **extras})
+    in_model = item.pre.boxes_to_model(boxes[BOX_GEOMETRY].to_numpy(dtype=np.float64))
+    if len(boxes):
+        tables.pending.add(item, boxes, in_model, finding, positive, prob, logit)
+    if (item.key, finding) in costly_set:
+        return [CostlyPair(item, finding, results, ks, in_model, pointing_tolerance_for(item))]
+    return []
 
 
 def _add_costly(model: Any, pairs: list[CostlyPair], settings: AuditSettings,
