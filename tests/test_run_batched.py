@@ -4,6 +4,8 @@ the work starts."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -347,6 +349,21 @@ def test_plan_counts_and_estimate_from_a_given_calibration():
     assert "7 images, 9 boxes, 11 (image, finding) targets" in text
     assert "IG 10 steps on 2 pairs" in text and "1 costly pairs" in text
     assert "estimate: about 11 s" in text  # 0.35 + 6.7 + 3.6 = 10.65 s
+
+
+def test_the_load_calibration_leaves_out_the_first_decode_of_the_process(monkeypatch):
+    calls: list[int] = []
+
+    def fake_load(rows, images_root, size):  # one-time set-up on the first call only
+        calls.append(len(rows))
+        time.sleep(0.5 if len(calls) == 1 else 0.02)
+        return [], []
+
+    monkeypatch.setattr(estimate, "load_batch_images", fake_load)
+    manifest = pd.DataFrame({"image_key": ["a", "b", "c"], "path": ["a", "b", "c"]})
+    seconds = estimate._load_seconds(manifest[manifest["image_key"].isin(["a", "b"])], "/", 64)
+    assert len(calls) == 1 + estimate.TIMED_PASSES
+    assert 0.01 - 1e-3 <= seconds < 0.1  # 0.02 s per pass of 2 images; the 0.5 s left out
 
 
 def test_gauss_legendre_counts_its_two_end_forwards():
