@@ -177,9 +177,10 @@ def run(
              "baselines still score every box. For CPU machines: IG on every box takes hours.")
     ] = None,
     prefetch_workers: Annotated[int | None, typer.Option(
-        help="Processes decoding the next batch's images while a GPU computes (default: cores "
-             "- 2, at least 1, at most 4; none for a run of few batches). Default on a CPU: "
-             "none, threads decode the next batch once the model is done with this one.")] = None,
+        help="Processes decoding the next batch's images while the model computes (default "
+             "with a GPU: cores - 2, at least 1, at most 4; none for a run of few batches). "
+             "Default on a CPU: none; threads decode the next batch once the model is done "
+             "with this one (also what 0 gives).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of run directories.")] = Path("reports"),
     save_maps: Annotated[bool, typer.Option(help="Keep the maps (compressed).")] = False,
     registry: Annotated[str | None, typer.Option(

@@ -17,7 +17,8 @@ Three sources, exactly one per call of :func:`load_model`:
   (inside a forked RNG, so the caller's global RNG state is untouched); deterministic.
 
 The network (``AuditModel.net``) is a torchxrayvision ``DenseNet`` whose class is switched to
-:class:`HookSafeDenseNet`: same parameters, same outputs, but the ReLU after ``features.norm5`` is
+:class:`HookSafeDenseNet`: same parameters, same outputs (in the same memory format: on a CPU
+the audit runs it channels_last, `MEMORY_FORMATS`), but the ReLU after ``features.norm5`` is
 an out-of-place module (``net.relu5``) instead of ``F.relu(..., inplace=True)``. On the stock
 model the in-place ReLU overwrites the very tensor that ``features.norm5`` returned, which breaks
 MONAI's backward hooks (RuntimeError: "... is a view and is being modified inplace") and silently
@@ -90,8 +91,10 @@ def apply_fp32_policy() -> dict[str, bool]:
 #: forward+backward 1.93 vs 2.11 s. The numbers are rounding variants of each other: features
 #: (hence Grad-CAM / Grad-CAM++ in closed form) within ~1e-6 relative; input gradients (IG)
 #: within ~3e-3 relative L2 on a random-init network (gradients through 120 layers amplify the
-#: rounding); each format is deterministic, and independent of thread count and batch size.
-#: CUDA keeps the contiguous layout (fp32 with TF32 off: channels_last not measured faster).
+#: rounding). Each format was deterministic here and independent of the thread count and of the
+#: batch composition (checked on one 2-core AMD EPYC: 1 vs 2 threads, batch 5 vs 16); oneDNN's
+#: kernels depend on the CPU's instruction set. CUDA keeps the contiguous layout (fp32 with TF32
+#: off: channels_last not measured on CUDA).
 MEMORY_FORMATS: dict[str, torch.memory_format] = {"cpu": torch.channels_last}
 
 

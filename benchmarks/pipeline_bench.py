@@ -14,7 +14,10 @@ depend on the weights).
 
 Floor (timed here, on the same images and device): one forward per image (batches of
 ``--batch-size``) plus ``steps`` forward+backward path points per IG target (chunks of the
-automatic IG chunk size). ``ratio`` = stage seconds / floor seconds. Peak memory: the process's
+automatic IG chunk size), with the audit's own network (channels_last on a CPU since that
+became its format: floors from before are not comparable). ``ratio`` = stage seconds / floor
+seconds. On a CPU, ``explain+score`` includes the decode threads' work on the next batch while
+this one is scored (`audit.run.images.ThreadPrefetcher`). Peak memory: the process's
 max RSS (and torch.cuda.max_memory_allocated on CUDA).
 
 ``--plain-loop`` adds the reference of the CPU target: a plain loop that decodes the same PNGs
@@ -51,7 +54,12 @@ from audit.model import load_model, memory_format_for  # noqa: E402
 from audit.run import plan  # noqa: E402
 from audit.run.batch import audit_batch  # noqa: E402
 from audit.run.estimate import run_plan  # noqa: E402
-from audit.run.images import auto_workers, image_prefetcher, submit_next  # noqa: E402
+from audit.run.images import (  # noqa: E402
+    auto_workers,
+    decode_threads,
+    image_prefetcher,
+    submit_next,
+)
 from audit.saliency.integrated_gradients import auto_chunk, quadrature  # noqa: E402
 
 NIH_DEV = REPO.parent / "shared" / "data" / "nih_bbox_dev"
@@ -93,8 +101,9 @@ def dataset(n: int, work: Path) -> tuple[Path, str]:
 
 
 def run_pipeline(model, manifest_csv: Path, settings: AuditSettings, out: Path
-                 ) -> tuple[dict[str, float], plan.Selection]:
-    """The library pipeline as the flow runs it (prefetching the next batch)."""
+                 ) -> tuple[dict[str, float], plan.Selection, str]:
+    """The library pipeline as the flow runs it (decoding the next batch ahead); returns the
+    stage seconds, the selection and how the images were decoded."""
     seconds = {"plan": 0.0, "load (waited)": 0.0, "explain+score": 0.0}
     start = time.perf_counter()
     manifest = read_manifest(manifest_csv)
@@ -105,6 +114,8 @@ def run_pipeline(model, manifest_csv: Path, settings: AuditSettings, out: Path
     workers = auto_workers(settings.prefetch_workers, model.device.type,
                            n_batches=len(batches))
     loader = image_prefetcher(images_root, settings.image_size, workers)
+    decoding = type(loader).__name__ + (f", {workers} processes" if workers else
+                                        f", {decode_threads()} threads")
     rows_of = {b.key: selection.manifest[selection.manifest["image_key"].isin(b.image_keys)]
                for b in batches}
     try:
@@ -121,7 +132,7 @@ def run_pipeline(model, manifest_csv: Path, settings: AuditSettings, out: Path
     finally:
         loader.close()
     seconds["pipeline total"] = sum(seconds.values())
-    return seconds, selection
+    return seconds, selection, decoding
 
 
 def floor_seconds(model, manifest_csv: Path, settings: AuditSettings, n_ig: int
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["model load"] = time.perf_counter() - tick
         device = model.device
         if not args.only_plain_loop:
-            stages, selection = run_pipeline(model, manifest_csv, settings, work / "batches")
+            stages, selection, decoding = run_pipeline(model, manifest_csv, settings,
+                                                       work / "batches")
             rows.update(stages)
             counts = run_plan(selection, settings)
             n_ig = counts.ig_pairs if "integrated_gradients" in settings.methods else 0
@@ -254,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     floor = rows.get("floor total")
     print(f"# pipeline_bench: {source}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, methods {args.methods}, baselines {args.baselines or '-'}, "
-          f"metrics {args.metrics}, IG steps {args.ig_steps}, decode workers "
-          f"{auto_workers(args.prefetch_workers, device.type)} (0: threads)")
+          f"metrics {args.metrics}, IG steps {args.ig_steps}")
     if not args.only_plain_loop:
+        print(f"# decoding: {decoding}")
         print(f"# {counts.images} images, {counts.boxes} boxes, {counts.targets} targets, "
               f"{n_ig} IG pairs, {counts.costly_pairs} costly pairs")
     print(f"{'stage':42s} {'seconds':>9s} {'ratio to floor':>15s}")

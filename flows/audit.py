@@ -98,13 +98,24 @@ def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _batch_dir(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / "batches" / key
+
+
+def _batch_done(cache_dir: str | Path, key: str) -> bool:
+    """Whether batch ``key``'s result folder is complete (its last table is written when the
+    staged folder is renamed into place, `audit.run.batch.audit_batch`)."""
+    return (_batch_dir(cache_dir, key) / "boxes.parquet").exists()
+
+
 def _batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """Prefect's cache entry for a batch is valid only while its result folder exists: the key
     holds the folder's resolved path, and no key is given when the folder is gone (deleted
     output, another --out), so the task runs instead of returning a stale path."""
-    out_dir = Path(parameters["cache_dir"]).resolve() / "batches" / parameters["key"]
-    if not (out_dir / "boxes.parquet").exists():
+    cache_dir = Path(parameters["cache_dir"]).resolve()
+    if not _batch_done(cache_dir, parameters["key"]):
         return None
+    out_dir = _batch_dir(cache_dir, parameters["key"])
     digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:16]
     return f"cxr-audit-batch-{parameters['key']}-{digest}"
 
@@ -134,8 +145,8 @@ def audit_batch_task(
     """Explain and score one batch; returns the path of its result folder. ``prefetch``: the
     next batch (key, image keys), decoded ahead (`audit.run.images.submit_next`) in
     ``decode_workers`` processes, or in threads when that is 0."""
-    out_dir = Path(cache_dir) / "batches" / key
-    if (out_dir / "boxes.parquet").exists():
+    out_dir = _batch_dir(cache_dir, key)
+    if _batch_done(cache_dir, key):
         return str(out_dir)
     run_settings = AuditSettings(**settings)
     manifest = _manifest(manifest_csv)
@@ -219,8 +230,8 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
     tell_plan(selection, settings, model, Path(sidecar["images_dir"]))
 
     tick = time.perf_counter()
-    # one process runs the batches in turn and decodes the next ahead; Dask workers each decode
-    # their own batch when it comes (in threads)
+    # one process runs the batches in turn and decodes the next ahead (not one already done, as
+    # in a resumed run); Dask workers each decode their own batch when it comes
     prefetching = settings.runner != "dask"
     workers = auto_workers(settings.prefetch_workers, model.device.type,
                            n_batches=len(batches)) if prefetching else 0
@@ -228,7 +239,8 @@ def audit_flow_body(manifest_csv: str, settings: AuditSettings) -> tuple[RunDire
         b.index, b.key, b.image_keys, str(manifest_path), sidecar["images_dir"],
         settings.to_dict(), [list(p) for p in b.costly], str(cache_dir),
         ig=None if b.ig is None else [list(p) for p in b.ig],
-        prefetch=(nxt.key, nxt.image_keys) if prefetching and nxt is not None else None,
+        prefetch=(nxt.key, nxt.image_keys) if prefetching and nxt is not None
+        and not _batch_done(cache_dir, nxt.key) else None,
         decode_workers=workers)
         for b, nxt in zip(batches, [*batches[1:], None], strict=True)]
     try:

@@ -74,8 +74,8 @@ def test_a_cpu_model_runs_channels_last_and_only_rounding_separates_it_from_the_
     with torch.no_grad():
         ours, theirs = model.logits(x), stock(x)
         acts, stock_acts = model.features(x), torch.relu(stock.features(x))
-    assert not torch.equal(ours, theirs)  # another summation order...
-    # ...of float32 sums over up to 1024 channels: 1e-5 of the largest value (observed ~1e-6)
+    # another summation order of float32 sums over up to 1024 channels: within 1e-5 of the
+    # largest value (observed ~1e-6 on this build; equal where oneDNN sums in the same order)
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     assert (acts - stock_acts).abs().max() <= 1e-5 * stock_acts.abs().max()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 
 import hostile
@@ -102,31 +101,6 @@ def test_only_our_pixel_limit_applies_to_a_png_and_decoding_leaves_warnings_alon
         assert read_image(path).pixels.shape == (64, 48)
         assert warnings.filters == inner
     assert caught == [] and warnings.filters == filters
-
-
-def test_quiet_pydicom_sections_run_one_at_a_time():
-    first_inside, release, second_inside = (threading.Event() for _ in range(3))
-
-    def first() -> None:
-        with dcm.quiet_pydicom():
-            first_inside.set()
-            release.wait(30)
-
-    def second() -> None:
-        with dcm.quiet_pydicom():
-            second_inside.set()
-
-    a = threading.Thread(target=first)
-    b = threading.Thread(target=second)
-    a.start()
-    assert first_inside.wait(30)
-    b.start()
-    assert not second_inside.wait(0.5)  # waits for the first section to end
-    release.set()
-    assert second_inside.wait(30)
-    a.join(30)
-    b.join(30)
-    assert not logging.getLogger("pydicom").disabled
 
 
 def test_pixel_limit_is_configurable(tmp_path):

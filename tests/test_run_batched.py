@@ -20,12 +20,14 @@ from audit.run import estimate, plan
 from audit.run.batch import audit_batch
 from audit.run.costly import CostlyPair, costly_metrics
 from audit.run.images import (
+    MAX_DECODE_THREADS,
     PREFETCH_MIN_BATCHES,
     ImagePrefetcher,
     LoadedImage,
     ProcessPrefetcher,
     ThreadPrefetcher,
     auto_workers,
+    decode_threads,
     image_prefetcher,
     load_batch_images,
     submit_next,
@@ -253,23 +255,64 @@ def test_prefetched_images_equal_the_images_decoded_here(tmp_path, kind):
         assert a.pre.original_size == b.pre.original_size
 
 
+def test_decode_threads_leave_dicom_files_to_the_thread_that_takes_the_batch(tmp_path,
+                                                                              monkeypatch):
+    import threading
+
+    import hostile
+
+    import audit.run.images as images_module
+
+    frame = _three_pngs_and_a_missing_file(tmp_path)
+    hostile.dicom_cr(tmp_path / "d.dcm")
+    frame = pd.concat([frame, pd.DataFrame([{"image_key": "d.dcm", "path": "d.dcm"}])])
+    seen: dict[str, str] = {}
+    real = images_module.decode_bytes
+
+    def spy(data, *args, **kwargs):
+        kind = "dicom" if data[128:132] == b"DICM" else "png"
+        seen.setdefault(kind, threading.current_thread().name)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "decode_bytes", spy)
+    here, rejects_here = load_batch_images(frame, tmp_path, SIZE)
+    seen.clear()
+    loader = ThreadPrefetcher(tmp_path, SIZE, threads=2)
+    try:
+        loader.submit("b", frame)
+        there, rejects_there = loader.take("b", frame)
+    finally:
+        loader.close()
+    assert seen["png"].startswith("decode") and seen["dicom"] == threading.current_thread().name
+    assert [i.key for i in there] == [i.key for i in here] == ["d.dcm", "p0.png", "p1.png",
+                                                               "p2.png"]
+    assert rejects_there == rejects_here
+    for a, b in zip(there, here, strict=True):
+        assert torch.equal(a.tensor, b.tensor) and a.thumb_png == b.thumb_png
+
+
 def test_a_cpu_run_decodes_in_threads_once_the_model_is_done_and_a_gpu_run_beside_it(tmp_path):
     frame = _three_pngs_and_a_missing_file(tmp_path)
     assert auto_workers(None, "cpu", cores=64, n_batches=100) == 0
-    threads = image_prefetcher(tmp_path, SIZE, workers=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = image_prefetcher(tmp_path, SIZE, workers=0)
+    finally:
+        torch.set_num_threads(1)
+        one_thread = image_prefetcher(tmp_path, SIZE, workers=0)
+        torch.set_num_threads(before)
     processes = image_prefetcher(tmp_path, SIZE, workers=1)
     try:
+        assert type(one_thread) is ImagePrefetcher  # a single thread decodes when taken
         assert isinstance(processes, ProcessPrefetcher) and processes.beside_the_device
         assert submit_next(processes, "b1", frame) is None  # started at once
         assert "b1" in processes._pending
-        if torch.get_num_threads() > 1:
-            assert isinstance(threads, ThreadPrefetcher)
-        assert not threads.beside_the_device
+        assert isinstance(threads, ThreadPrefetcher) and not threads.beside_the_device
         start = submit_next(threads, "b1", frame)
-        assert callable(start) and "b1" not in getattr(threads, "_pending", {})
+        assert callable(start) and "b1" not in threads._pending
         start()  # what audit_batch calls once the model is done (device_done)
-        if isinstance(threads, ThreadPrefetcher):
-            assert "b1" in threads._pending
+        assert "b1" in threads._pending
         assert [i.key for i in threads.take("b1", frame)[0]] == ["p0.png", "p1.png", "p2.png"]
     finally:
         threads.close()
@@ -312,8 +355,17 @@ def test_default_decode_workers_leave_two_cores_to_torch_but_one_worker_from_two
     assert auto_workers(None, "cuda", 8, n_batches=PREFETCH_MIN_BATCHES - 1) == 0
     assert auto_workers(None, "cuda", 8, n_batches=PREFETCH_MIN_BATCHES) == 4
     assert auto_workers(2, "cuda", 8, n_batches=1) == 2
-    # on the CPU, threads of this process decode (workers only when asked for)
+    # on the CPU, threads of this process decode (workers only when asked for), at most 4
     assert auto_workers(None, "cpu", 64) == 0 and auto_workers(2, "cpu", 64) == 2
+    before = torch.get_num_threads()
+    try:
+        counts = []
+        for n in (1, 2, 8):
+            torch.set_num_threads(n)
+            counts.append(decode_threads())
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [1, 2, MAX_DECODE_THREADS] and MAX_DECODE_THREADS == 4
 
 
 def test_thumbnail_is_the_min_max_scaled_image_at_256_px():
@@ -389,6 +441,8 @@ def test_image_rows_read_boxes_labels_and_targets_of_each_image_once(model):
          "box_index": nan},
         {"image_key": "d", "path": "d.png", "labels": "Unicorn", "model_finding": nan,
          "box_x": nan, "box_index": nan},
+        {"image_key": "e", "path": "e.png", "labels": nan, "model_finding": nan,
+         "box_x": 4.0, "box_index": 0},  # a box whose finding is unknown (edited manifest)
     ])
     images = image_rows(rows)
     a, b, c = images["a"], images["b"], images["c"]
@@ -398,12 +452,13 @@ def test_image_rows_read_boxes_labels_and_targets_of_each_image_once(model):
     assert b.boxes == {} and b.label_findings == ["Infiltration"] and b.path == "sub/b.png"
     assert not c.has_labels and c.label_findings == [] and c.named_findings == set()
     rejects: list[dict[str, str]] = []
-    item = {k: LoadedImage(key=k, pre=None, thumb_png=b"") for k in "abcd"}
+    item = {k: LoadedImage(key=k, pre=None, thumb_png=b"") for k in "abcde"}
     assert image_targets(model, a, item["a"], rejects) == ["Mass", "Nodule"]
     assert image_targets(model, b, item["b"], rejects) == ["Infiltration"]  # from its labels
     assert image_targets(model, c, item["c"], rejects) == []
     assert image_targets(model, images["d"], item["d"], rejects) == []
-    assert [(r["image_key"], r["finding"]) for r in rejects] == [("d", "Unicorn")]
+    assert image_targets(model, images["e"], item["e"], rejects) == []
+    assert [(r["image_key"], r["finding"]) for r in rejects] == [("d", "Unicorn"), ("e", "")]
     n = len(model.pathologies)
     zeros = np.zeros(n)
     labels_b = {r["finding"]: r["label"] for r in prediction_rows(model, b, item["b"], zeros,

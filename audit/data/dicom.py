@@ -29,7 +29,6 @@ import io
 import logging
 import math
 import re
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -85,11 +84,6 @@ KNOWN_MODALITIES = frozenset({"CR", "DX", "RG", "PX", "IO", "MG", "XA", "RF", "D
 _QUIET_LOGGERS = ("pydicom", "pylibjpeg", "libjpeg", "openjpeg")
 
 
-#: Loggers and warnings filters are process-wide: one quiet section at a time (batches decode in
-#: threads). While one is open, warnings raised by other threads are silenced too.
-_QUIET_LOCK = threading.RLock()
-
-
 @contextlib.contextmanager
 def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's (and its decoders') warnings and log records: they can quote header
@@ -97,20 +91,18 @@ def quiet_pydicom() -> Iterator[None]:
     of a child logger would otherwise still reach the root handlers."""
     import pydicom.pixels  # noqa: F401 - create the package's loggers before silencing them
 
-    with _QUIET_LOCK:
-        names = {n for n in list(logging.root.manager.loggerDict)
-                 if n.split(".")[0] in _QUIET_LOGGERS}
-        loggers = [logging.getLogger(n) for n in sorted(names | set(_QUIET_LOGGERS))]
-        states = [(lg, lg.disabled) for lg in loggers]
-        for lg in loggers:
-            lg.disabled = True
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            for lg, was_disabled in states:
-                lg.disabled = was_disabled
+    names = {n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in _QUIET_LOGGERS}
+    loggers = [logging.getLogger(n) for n in sorted(names | set(_QUIET_LOGGERS))]
+    states = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, was_disabled in states:
+            lg.disabled = was_disabled
 
 
 def _safe_uid(value: object) -> str | None:

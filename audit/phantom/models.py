@@ -36,8 +36,12 @@ def make_net(seed: int = 0) -> torch.nn.Module:
     """torchxrayvision DenseNet-121 (18 outputs, xrv's default pathologies), seeded random
     initialisation, on the CPU, in eval mode: the network of the audit's random-init model
     (``load_model(random_init=True, seed=seed)``), so the phantom's ``random`` control and the
-    demo's random model are the same network. The caller's global RNG state is left untouched."""
-    return load_model(random_init=True, seed=seed, device="cpu").net
+    demo's random model are the same network. The caller's global RNG state is left untouched.
+    In torchxrayvision's contiguous layout (not the CPU audit's channels_last,
+    `audit.model.MEMORY_FORMATS`), the one the shipped weights were trained and evaluated in, so
+    `audit.phantom.training.train` still replays them."""
+    net = load_model(random_init=True, seed=seed, device="cpu").net
+    return net.to(memory_format=torch.contiguous_format)
 
 
 def finding_indices(net: torch.nn.Module, findings=FINDINGS) -> list[int]:

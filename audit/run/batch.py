@@ -45,7 +45,7 @@ def label_findings(labels: Any) -> list[str]:
     return sorted({to_model_finding(n) for n in names})
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageRows:
     """What a batch reads from one image's manifest rows, read once: the file's path, its box
     rows by model finding (manifest order, original frame), the model findings of its labels,
@@ -66,8 +66,10 @@ def image_rows(rows: pd.DataFrame) -> dict[str, ImageRows]:
     first non-empty label text)."""
     boxes: dict[str, dict[str, pd.DataFrame]] = {}
     boxed = rows.dropna(subset=["box_x"])
-    for (key, finding), group in boxed.groupby(["image_key", "model_finding"], sort=True):
-        boxes.setdefault(str(key), {})[str(finding)] = group
+    # a box without a model finding ("": no output has that name) becomes a rejects row
+    findings = boxed["model_finding"].fillna("").astype(str)
+    for (key, finding), group in boxed.groupby([boxed["image_key"], findings], sort=True):
+        boxes.setdefault(str(key), {})[finding] = group
     paths: dict[str, str] = {}
     labels: dict[str, Any] = {}
     named: dict[str, set[str]] = {}

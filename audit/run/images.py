@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,13 @@ import torch
 from PIL import Image
 
 from audit.data.preprocess import PreprocessedImage, nominal_range, preprocess
-from audit.data.readers import RejectedInput, read_image
+from audit.data.readers import (
+    SNIFF_BYTES,
+    RejectedInput,
+    decode_bytes,
+    read_file_bytes,
+    sniff_format,
+)
 
 THUMB_SIZE = 256  # px, longest side of a stored thumbnail
 #: Decode workers by default beside a GPU: ``cores - 2`` (two cores stay with torch), at least 1
@@ -67,15 +74,26 @@ def reject_row(path: str, image_key: str, reason: str, finding: str = "") -> dic
     return {"path": str(path), "image_key": str(image_key), "finding": finding, "reason": reason}
 
 
-def _load_image(key: str, rel: str, images_root: Path, size: int
-                ) -> LoadedImage | dict[str, str]:
-    """One image decoded, preprocessed and thumbnailed, or its rejects row."""
-    try:
-        decoded = read_image(Path(images_root) / rel)
+class _DecodeInTheCaller(NamedTuple):
+    """An image left for the thread that takes the batch: a DICOM file (see `_load_image`)."""
+
+    key: str
+    rel: str
+
+
+def _load_image(key: str, rel: str, images_root: Path, size: int, dicom: bool = True
+                ) -> LoadedImage | dict[str, str] | _DecodeInTheCaller:
+    """One image decoded, preprocessed and thumbnailed, or its rejects row. ``dicom=False`` (a
+    decode thread): a DICOM file is left for the calling thread, because its decoder silences
+    pydicom's warnings (they can quote header values) with a process-wide warnings filter, which
+    is not thread-safe: another thread's ``catch_warnings`` could lose or keep it."""
+    try:  # a missing file too is a RejectedInput ("cannot read file (FileNotFoundError)")
+        data = read_file_bytes(Path(images_root) / rel)
+        if not dicom and sniff_format(data[:SNIFF_BYTES]) == "dicom":
+            return _DecodeInTheCaller(key, rel)
+        decoded = decode_bytes(data)
     except RejectedInput as err:
         return reject_row(rel, key, str(err))
-    except FileNotFoundError:
-        return reject_row(rel, key, "file named in the manifest is missing on disk")
     pre = preprocess(decoded.pixels, size=size,
                      value_range=nominal_range(decoded.pixels, decoded.meta))
     return LoadedImage(key=str(key), pre=pre, thumb_png=thumbnail_png(decoded.pixels))
@@ -92,16 +110,9 @@ def _as_batch(outcomes: list[LoadedImage | dict[str, str]]) -> LoadedBatch:
             [o for o in outcomes if not isinstance(o, LoadedImage)])
 
 
-def load_batch_images(rows: pd.DataFrame, images_root: Path, size: int,
-                      threads: ThreadPoolExecutor | None = None) -> LoadedBatch:
-    """Decode and preprocess each image of a batch (sorted by key); failures become rejects.
-    ``threads``: a pool that loads the images side by side (the decoders, numpy and torch
-    release the GIL); the results are the same."""
-    jobs = _image_jobs(rows)
-    if threads is None:
-        return _as_batch([_load_image(key, rel, images_root, size) for key, rel in jobs])
-    futures = [threads.submit(_load_image, key, rel, images_root, size) for key, rel in jobs]
-    return _as_batch([f.result() for f in futures])
+def load_batch_images(rows: pd.DataFrame, images_root: Path, size: int) -> LoadedBatch:
+    """Decode and preprocess each image of a batch (sorted by key); failures become rejects."""
+    return _as_batch([_load_image(key, rel, images_root, size) for key, rel in _image_jobs(rows)])
 
 
 #: zlib level of the thumbnails. Measured on 16 NIH dev images (2 loaded cores): scaling in
@@ -150,10 +161,15 @@ def auto_workers(configured: int | None, device_type: str, cores: int | None = N
     return 0 if cores < 2 else max(1, min(MAX_AUTO_WORKERS, cores - 2))
 
 
+#: At most this many decode threads: each one's antialiased resize runs torch's own thread team
+#: (``torch.get_num_threads()`` threads), so threads x team grows with the square of the cores.
+MAX_DECODE_THREADS = 4
+
+
 def decode_threads() -> int:
     """Threads that decode a batch in this process: as many as torch computes with (the cores
-    this process is meant to use)."""
-    return max(1, torch.get_num_threads())
+    this process is meant to use), at most ``MAX_DECODE_THREADS``."""
+    return max(1, min(MAX_DECODE_THREADS, torch.get_num_threads()))
 
 
 def _worker_init() -> None:
@@ -196,7 +212,8 @@ class ThreadPrefetcher(ImagePrefetcher):
     """Decodes the images of a batch side by side in ``threads`` threads of this process. On a CPU
     they use the cores torch computes with, so a batch is submitted once the model is done with
     the previous one: it decodes while that batch is scored and written (single-threaded Python),
-    and the rest when it is taken. Measured on 2 cores against one worker process decoding beside
+    and the rest when it is taken. DICOM files are decoded when the batch is taken, in the
+    taking thread (`_load_image`). Measured on 2 cores against one worker process decoding beside
     the forward: see `auto_workers`."""
 
     def __init__(self, images_root: Path, size: int, threads: int):
@@ -207,11 +224,14 @@ class ThreadPrefetcher(ImagePrefetcher):
     def submit(self, key: str, rows: pd.DataFrame) -> None:
         if key not in self._pending:
             self._pending[key] = [self._pool.submit(_load_image, k, rel, self.images_root,
-                                                    self.size) for k, rel in _image_jobs(rows)]
+                                                    self.size, dicom=False)
+                                  for k, rel in _image_jobs(rows)]
 
     def take(self, key: str, rows: pd.DataFrame) -> LoadedBatch:
         self.submit(key, rows)
-        return _as_batch([f.result() for f in self._pending.pop(key)])
+        outcomes = [f.result() for f in self._pending.pop(key)]
+        return _as_batch([_load_image(o.key, o.rel, self.images_root, self.size)
+                          if isinstance(o, _DecodeInTheCaller) else o for o in outcomes])
 
     def close(self) -> None:
         for futures in self._pending.values():
