@@ -104,7 +104,8 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
     return MEMORY_FORMATS.get(device.type, torch.contiguous_format)
 
 
-def _memory_format_name(fmt: torch.memory_format) -> str:
+def memory_format_name(fmt: torch.memory_format) -> str:
+    """``"channels_last"`` for ``torch.channels_last``: the name run.json records."""
     return str(fmt).removeprefix("torch.")
 
 
@@ -347,7 +348,7 @@ class AuditModel:
         self.device = resolve_device(device)
         fmt = memory_format_for(self.device)
         self.net.to(self.device, memory_format=fmt)
-        self.provenance["memory_format"] = _memory_format_name(fmt)
+        self.provenance["memory_format"] = memory_format_name(fmt)
         return self
 
     def __repr__(self) -> str:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from audit.config import AuditSettings  # noqa: E402
 from audit.data.manifest import ingest, read_manifest, read_sidecar  # noqa: E402
-from audit.model import load_model, memory_format_for  # noqa: E402
+from audit.model import load_model, memory_format_for, memory_format_name  # noqa: E402
 from audit.run import plan  # noqa: E402
 from audit.run.batch import audit_batch  # noqa: E402
 from audit.run.estimate import run_plan  # noqa: E402
@@ -199,8 +199,7 @@ def plain_loops(model, manifest_csv: Path, batch_size: int, size: int) -> dict[s
     rows["plain loop: CPU seconds (user + sys)"] = _cpu_seconds() - cpu
     fmt = memory_format_for(model.device)
     if fmt != torch.contiguous_format:
-        name = str(fmt).removeprefix("torch.")
-        rows[f"plain loop, {name} as the audit's model"] = plain_loop(
+        rows[f"plain loop, {memory_format_name(fmt)} as the audit's model"] = plain_loop(
             manifest_csv, model.net, model.device, batch_size, size)
     return rows
 

@@ -102,32 +102,34 @@ def run_plan(selection: Selection, settings: AuditSettings) -> RunPlan:
                    ig_points=len(alphas) + ends)
 
 
-def _timed(fn: Any, x: torch.Tensor) -> float:
-    """Seconds per input of ``fn``: the fastest of ``TIMED_PASSES`` passes over ``x``, after a
-    warm-up on its first input (the fastest, so a moment of load from other processes does not
-    multiply the estimate)."""
-    fn(x[:1])
+def _fastest(call: Any) -> float:
+    """Seconds of the fastest of ``TIMED_PASSES`` calls of ``call`` (the fastest, so a moment of
+    load from other processes does not multiply the estimate)."""
     best = math.inf
     for _ in range(TIMED_PASSES):
         start = time.perf_counter()
-        fn(x)
+        call()
         best = min(best, time.perf_counter() - start)
-    return best / len(x)
+    return best
+
+
+def _timed(fn: Any, x: torch.Tensor) -> float:
+    """Seconds per input of ``fn``: `_fastest` of its passes over ``x``, after a warm-up on its
+    first input."""
+    fn(x[:1])
+    return _fastest(lambda: fn(x)) / len(x)
 
 
 def _load_seconds(rows: pd.DataFrame, images_root: Path, size: int) -> float:
     """Seconds per image of loading the images of ``rows``, as `_timed` times a forward: the
-    fastest of ``TIMED_PASSES`` passes after a warm-up pass. The first decode in a process pays
+    `_fastest` of its passes after a warm-up pass. The first decode in a process pays
     one-time set-up: counted once per image, it made the load of the 438 NIH dev images 2 min
     (306 ms per image) in an estimate, against about 10 s in the run."""
-    load_batch_images(rows, images_root, size)
-    n = max(1, int(rows["image_key"].nunique()))
-    best = math.inf
-    for _ in range(TIMED_PASSES):
-        start = time.perf_counter()
+    def load() -> None:
         load_batch_images(rows, images_root, size)
-        best = min(best, time.perf_counter() - start)
-    return best / n
+
+    load()
+    return _fastest(load) / max(1, int(rows["image_key"].nunique()))
 
 
 def calibrate(model: Any, settings: AuditSettings, manifest: pd.DataFrame,

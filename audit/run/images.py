@@ -234,11 +234,8 @@ class ThreadPrefetcher(ImagePrefetcher):
                           if isinstance(o, _DecodeInTheCaller) else o for o in outcomes])
 
     def close(self) -> None:
-        for futures in self._pending.values():
-            for future in futures:
-                future.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # cancels what has not started
 
 
 class ProcessPrefetcher(ImagePrefetcher):
@@ -273,10 +270,8 @@ class ProcessPrefetcher(ImagePrefetcher):
         return loaded, rejects
 
     def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
         self._pending.clear()
-        if self._pool is not None:
+        if self._pool is not None:  # shutdown cancels what has not started
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
